@@ -1,0 +1,1 @@
+"""Training core (two-stage contrastive instruction tuning)."""

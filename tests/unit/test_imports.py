@@ -1,0 +1,43 @@
+"""import nvembed_sdk must not pull onnxruntime, tensorrt or modelopt (STYLE habit 4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft")
+
+
+def _loaded_after(code: str) -> list[str]:
+    script = f"""
+import sys, json
+{code}
+print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_is_light():
+    loaded = _loaded_after("import nvembed_sdk; from nvembed_sdk import Embedder; import nvembed_sdk.cli")
+    assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
+
+
+def test_every_submodule_imports_without_extras():
+    code = """
+import importlib, pkgutil, nvembed_sdk, nvembed_sdk.exporters, nvembed_sdk.runtimes
+for pkg in (nvembed_sdk, nvembed_sdk.exporters, nvembed_sdk.runtimes):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):
+        importlib.import_module(info.name)
+"""
+    loaded = _loaded_after(code)
+    assert not {"onnxruntime", "tensorrt", "modelopt"} & set(loaded)
+
+
+def test_mapped_packages_resolve_inside_nvembed_sdk():
+    import nvembed_sdk.exporters
+    import nvembed_sdk.runtimes
+
+    assert nvembed_sdk.runtimes.__name__ == "nvembed_sdk.runtimes"
+    assert nvembed_sdk.exporters.__file__.replace("\\", "/").endswith("exporters/__init__.py")
