@@ -23,6 +23,9 @@ from nvembed_sdk.errors import NVEmbedError
 COMMANDS: dict[str, str] = {
     "info": "nvembed_sdk.cli:info",
     "embed": "nvembed_sdk.cli:embed",
+    "export": "nvembed_sdk.cli_export:export",
+    "parity": "nvembed_sdk.cli_parity:parity",
+    "bench": "nvembed_sdk.cli_parity:bench",
 }
 
 

@@ -66,6 +66,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * hd, cfg.hidden_size, bias=False)
+        # False: one SDPA call. True: MatMul -> fp32 Softmax -> MatMul written out, the pattern
+        # TensorRT fuses and ModelOpt's MHA quantiser matches, with fp32 softmax in fp16 graphs.
+        self.explicit_attention = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -82,7 +85,12 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
             v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
         # mask: (B, 1, 1, T) additive, 0 on real keys and dtype-min on padded keys.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (B, nh, T, hd)
+        if self.explicit_attention:
+            scores = torch.matmul(q, k.transpose(2, 3)).float() * (self.head_dim**-0.5)  # (B, nh, T, T)
+            probs = torch.softmax(scores + mask.float(), dim=-1).to(q.dtype)
+            y = torch.matmul(probs, v)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 

@@ -5,11 +5,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXTS, assert_close_cos
 
 from nvembed_sdk import ArtifactError, Embedder, InputError
 from nvembed_sdk.embedder import query_instruction
 from nvembed_sdk.text import TextPipeline
+
+from conftest import SAMPLE_TEXTS, assert_close_cos
 
 
 @pytest.fixture(scope="module")

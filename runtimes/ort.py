@@ -1,0 +1,141 @@
+"""ONNX Runtime backend: one session per artifact, CUDA with IO binding when available, else CPU.
+
+FP8 Q/DQ graphs run on the CPU as an emulation (E4M3 rounding at every Q/DQ pair); ONNX Runtime
+before 1.32 fails on them at the default optimisation level (its fusions produce kernels with no
+float8 implementation), so those graphs get ``ORT_ENABLE_BASIC`` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvembed_sdk._optional import _version_tuple, require
+from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, InputError, fmt
+from nvembed_sdk.manifest import INPUT_NAMES, MANIFEST, OUTPUT_NAME, read_manifest
+from nvembed_sdk.runtimes.base import Backend
+from nvembed_sdk.text import Batch
+
+log = logging.getLogger("nvembed_sdk.ort")
+
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class OrtBackend(Backend):
+    """Runs ``model.onnx`` from a bundle with ONNX Runtime.
+
+    Options:
+        providers: explicit provider list (e.g. ``["CPUExecutionProvider"]``). Defaults to CUDA
+            when ``device`` is not ``cpu`` and CUDA is available, else CPU.
+        intra_op_num_threads: threads per operator. Defaults to ONNX Runtime's choice.
+        inter_op_num_threads: threads across operators. Defaults to ONNX Runtime's choice.
+        graph_optimization_level: ``disable|basic|extended|all``. Defaults to ``all``
+            (``basic`` for FP8 graphs on ONNX Runtime < 1.32).
+    """
+
+    name = "onnxruntime"
+
+    def _load(self) -> None:
+        ort = require("onnxruntime")
+        model = self.path if self.path.is_file() else self.path / "model.onnx"
+        if not model.is_file():
+            raise ArtifactError(fmt("onnx model", f"no file at {model}", "a bundle with model.onnx"))
+        directory = model.parent
+        self.manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {}
+        self.precision = str(self.manifest.get("precision", "fp32"))
+        self.dim = int(self.manifest.get("model", {}).get("dim", 0))
+        self.max_length = self.manifest.get("text", {}).get("max_length")
+        self.normalizes_output = True
+
+        so = ort.SessionOptions()
+        for key in ("intra_op_num_threads", "inter_op_num_threads"):
+            if self.options.get(key) is not None:
+                setattr(so, key, int(self.options[key]))
+        level = self.options.get("graph_optimization_level")
+        old_ort = _version_tuple(ort.__version__) < (1, 32)
+        if level is None:
+            level = "basic" if (self.precision == "fp8" and old_ort) else "all"
+        if level not in _OPT_LEVELS:
+            raise InputError(fmt("graph_optimization_level", repr(level), f"one of {_OPT_LEVELS}"))
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        so.log_severity_level = 3
+        providers = self._providers(ort)
+        try:
+            self.session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
+            raise ArtifactError(fmt(str(model), f"ONNX Runtime could not load it ({str(exc)[:300]})",
+                                    "a bundle written by nvembed-export with this SDK")) from exc
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if sorted(names_in) != sorted(INPUT_NAMES) or OUTPUT_NAME not in names_out:
+            raise ArtifactError(fmt(str(model), f"inputs {names_in}, outputs {names_out}",
+                                    f"inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r}"))
+        if not self.dim:
+            shape = self.session.get_outputs()[0].shape
+            self.dim = int(shape[-1]) if isinstance(shape[-1], int) else 0
+        used = self.session.get_providers()[0]
+        self.device = "cuda" if used == "CUDAExecutionProvider" else "cpu"
+        self.emulated = self.precision == "fp8" and self.device == "cpu"
+        self.opt_level = level
+        if self.emulated:
+            log.info("FP8 Q/DQ graph emulated on the CPU (E4M3 rounding at each Q/DQ pair); "
+                     "native FP8 needs TensorRT on compute capability >= 8.9")
+
+    def _providers(self, ort: Any) -> list[Any]:
+        explicit = self.options.get("providers")
+        available = ort.get_available_providers()
+        if explicit:
+            missing = [p if isinstance(p, str) else p[0] for p in explicit
+                       if (p if isinstance(p, str) else p[0]) not in available]
+            if missing:
+                raise BackendUnavailableError(fmt("onnxruntime providers", f"{missing} not available",
+                                                  f"available here: {available}"))
+            return list(explicit)
+        device = self.requested_device or "auto"
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        wants_cuda = device.startswith("cuda")
+        if "CUDAExecutionProvider" in available and _cuda_usable():
+            dev_id = int(device.split(":")[1]) if ":" in device else 0
+            return [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
+        if wants_cuda:
+            raise BackendUnavailableError(fmt("device", repr(device),
+                                              "CUDA is not usable by onnxruntime here (needs onnxruntime-gpu, "
+                                              "a GPU and CUDA/cuDNN libraries); use device='cpu'"))
+        log.warning("onnxruntime: CUDA not available, running %s on the CPU", self.path.name)
+        return ["CPUExecutionProvider"]
+
+    def _run(self, batch: Batch) -> np.ndarray:
+        feeds = batch.as_dict()
+        if self.device == "cuda":
+            binding = self.session.io_binding()
+            for name, arr in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+            binding.bind_output(OUTPUT_NAME)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return self.session.run([OUTPUT_NAME], feeds)[0]
+
+    def _close(self) -> None:
+        del self.session
+
+
+def _cuda_usable() -> bool:
+    # onnxruntime-gpu lists CUDAExecutionProvider even without a GPU; check for a device first.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return Path("/dev/nvidia0").exists()
