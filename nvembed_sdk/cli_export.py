@@ -29,11 +29,19 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
               help="tensorrt: optimisation profile MINBxMINS:OPTBxOPTS:MAXBxMAXS, e.g. 1x16:8x128:32x512 (repeatable).")
 @click.option("--workspace-gb", type=float, default=None, help="tensorrt: workspace limit in GiB. Default: per target.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="tensorrt: builder optimisation level.")
-@click.option("--timing-cache", type=click.Path(), default=None, help="tensorrt: timing cache file (read and updated).")
+@click.option("--timing-cache", type=click.Path(), default=None,
+              help="tensorrt: timing cache file (read and updated). Default: a per-GPU file under ~/.cache/nvembed_sdk.")
+@click.option("--no-timing-cache", is_flag=True, help="tensorrt: build without a timing cache.")
+@click.option("--strongly-typed/--weakly-typed", "strongly_typed", default=None,
+              help="tensorrt 10.x: network typing. Default: strongly typed when the ONNX carries the precision "
+                   "(TensorRT 11 is always strongly typed).")
+@click.option("--device", default=None, help="tensorrt: build GPU, cuda or cuda:N. Default: the current CUDA device.")
+@click.option("--verbose", is_flag=True, help="tensorrt: verbose builder log.")
 @fail_cleanly
 def export(model: str, to: str, precision: str, output: str, opset: int | None, max_length: int | None,
            no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool, target: str,
-           profiles: tuple[str, ...], workspace_gb: float | None, opt_level: int, timing_cache: str | None) -> None:
+           profiles: tuple[str, ...], workspace_gb: float | None, opt_level: int, timing_cache: str | None,
+           no_timing_cache: bool, strongly_typed: bool | None, device: str | None, verbose: bool) -> None:
     """Export an NV-Embed checkpoint to an ONNX bundle or a TensorRT engine bundle.
 
     \b
@@ -41,6 +49,11 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
       nvembed-export --model models/nvembed-debian-small --to onnx --precision fp32 --output out/onnx
       nvembed-export --model DIR --to onnx --precision int8 --calibration texts.txt --output out/int8
       nvembed-export --model DIR --to tensorrt --precision fp8 --output out/trt-fp8
+      nvembed-export --model out/int8 --to tensorrt --precision int8 --target jetson-orin --output out/orin
+
+    --model may also be an ONNX bundle when --to tensorrt (build on the device from a copied
+    bundle: engines are tied to the GPU model and TensorRT version that built them).
+    bf16 engines are built from the fp32 ONNX with TensorRT 10.x's BF16 flag.
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
     outside the DESIGN.md budget (report stored in nvembed.json).
@@ -58,21 +71,24 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
         click.echo(f"wrote {path}")
         _echo_validation(path)
         return
-    # TensorRT: check the target and TensorRT itself before any slow work (fail in well under 10 s).
-    from nvembed_sdk._optional import require
-    from nvembed_sdk.exporters.targets import check_target
+    # TensorRT: target, host, TensorRT, GPU and compute capability are checked before any slow
+    # work, so a machine without them fails in well under 10 s.
+    from nvembed_sdk.exporters.trt_build import build_engine, preflight
+    from nvembed_sdk.manifest import MANIFEST, read_manifest
 
-    spec = check_target(target, precision)
-    require("tensorrt")
-    onnx_precision = {"fp16": "fp16", "bf16": "fp32", "int8": "int8", "fp8": "fp8"}.get(precision, "fp32")
-    onnx_dir = Path(output) / "onnx"
-    _export_onnx(model, str(onnx_dir), onnx_precision, opset or spec.opset_for(precision), max_length,
-                 no_validate, calibration, calibration_size, force)
-    from nvembed_sdk.exporters.trt_build import build_engine
-
-    plan = build_engine(onnx_dir / "model.onnx", output, precision=precision, target=target,
-                        profiles=list(profiles) or None, workspace_gb=workspace_gb, opt_level=opt_level,
-                        timing_cache=timing_cache)
+    env = preflight(precision, target, device)
+    source = Path(model)
+    if (source / MANIFEST).is_file() and read_manifest(source).get("kind") == "onnx":
+        onnx_dir = source  # an ONNX bundle: build from it directly
+    else:
+        onnx_precision = {"fp16": "fp16", "bf16": "fp32", "int8": "int8", "fp8": "fp8"}.get(precision, "fp32")
+        onnx_dir = Path(output) / "onnx"
+        _export_onnx(model, str(onnx_dir), onnx_precision, opset or env.target.opset_for(precision), max_length,
+                     no_validate, calibration, calibration_size, force)
+    plan = build_engine(onnx_dir, output, precision=precision, target=target, profiles=list(profiles) or None,
+                        workspace_gb=workspace_gb, opt_level=opt_level,
+                        timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
+                        device=device, verbose=verbose)
     click.echo(f"wrote {plan}")
 
 

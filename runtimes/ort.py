@@ -35,6 +35,9 @@ class OrtBackend(Backend):
         inter_op_num_threads: threads across operators. Defaults to ONNX Runtime's choice.
         graph_optimization_level: ``disable|basic|extended|all``. Defaults to ``all``
             (``basic`` for FP8 graphs on ONNX Runtime < 1.32).
+        cpu_int8_u8_activations: on the CPU, run INT8 bundles with uint8 activation Q/DQ (an
+            exact re-encoding, see :func:`_u8_activation_bytes`) so the x86 integer kernels
+            are used. Defaults to True.
     """
 
     name = "onnxruntime"
@@ -69,8 +72,14 @@ class OrtBackend(Backend):
         }[level]
         so.log_severity_level = 3
         providers = self._providers(ort)
+        source: str | bytes = str(model)
+        self.rewritten = False
+        on_cpu = providers[0] == "CPUExecutionProvider"
+        if self.precision == "int8" and on_cpu and self.options.get("cpu_int8_u8_activations", True):
+            source = _u8_activation_bytes(model) or source
+            self.rewritten = not isinstance(source, str)
         try:
-            self.session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
             raise ArtifactError(fmt(str(model), f"ONNX Runtime could not load it ({str(exc)[:300]})",
                                     "a bundle written by nvembed-export with this SDK")) from exc
@@ -127,6 +136,38 @@ class OrtBackend(Backend):
 
     def _close(self) -> None:
         del self.session
+
+
+def _u8_activation_bytes(model: Path) -> bytes | None:
+    """The INT8 graph with activation Q/DQ moved from int8 (zero point 0) to uint8 (zero point 128).
+
+    ModelOpt writes symmetric int8 activations, the form TensorRT needs. ONNX Runtime's x86 CPU
+    kernels fuse DQ -> MatMul into ``MatMulIntegerToFloat`` only for uint8 activations, so the
+    int8 graph would run its MatMuls in float behind DequantizeLinear. ``q_u8 = q_s8 + 128`` with
+    zero point 128 is the same quantisation grid (same scale, same rounding, same clipping), so
+    this rewrite changes kernels, not numerics. In memory only; graphs over 2 GB are left alone.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if model.stat().st_size > 1_900_000_000 or (model.parent / (model.name + ".data")).exists():
+        return None
+    proto = onnx.load(str(model))
+    inits = {t.name: t for t in proto.graph.initializer}
+    done: set[str] = set()
+    for node in proto.graph.node:
+        # Activation quantisers only: the input is computed, not a stored weight.
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        zp_name = node.input[2]
+        if zp_name in done or zp_name not in inits:
+            continue
+        zp = numpy_helper.to_array(inits[zp_name])
+        if zp.dtype != np.int8 or zp.any():
+            continue
+        inits[zp_name].CopyFrom(numpy_helper.from_array(np.full(zp.shape, 128, dtype=np.uint8), zp_name))
+        done.add(zp_name)
+    return proto.SerializeToString() if done else None
 
 
 def _cuda_usable() -> bool:

@@ -14,11 +14,11 @@ import contextlib
 
 import numpy as np
 import torch
-from nvembed_sdk.runtimes.base import Backend
 
 from nvembed_sdk.checkpoint import load_model
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.errors import BackendUnavailableError, InputError, fmt
+from nvembed_sdk.runtimes.base import Backend
 from nvembed_sdk.text import Batch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "autocast")

@@ -1,0 +1,130 @@
+"""INT8 / FP8 explicit-Q/DQ bundles from NVIDIA ModelOpt, calibrated on real text, run on ORT CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLE_TEXTS, assert_close_cos
+
+onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
+pytest.importorskip("modelopt.onnx.quantization", reason="needs the quant extra: pip install 'nvembed-sdk[quant]'")
+
+from nvembed_sdk import Embedder, ToleranceExceeded  # noqa: E402
+from nvembed_sdk.cli import main  # noqa: E402
+from nvembed_sdk.exporters.quantize import export_quantized  # noqa: E402
+from nvembed_sdk.manifest import read_manifest  # noqa: E402
+
+FP8 = onnx.TensorProto.FLOAT8E4M3FN
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_checkpoint, tmp_path_factory):
+    return export_quantized(tiny_checkpoint, tmp_path_factory.mktemp("int8"), precision="int8", calibration_size=64)
+
+
+@pytest.fixture(scope="module")
+def fp8_bundle(tiny_checkpoint, tmp_path_factory):
+    return export_quantized(tiny_checkpoint, tmp_path_factory.mktemp("fp8"), precision="fp8", calibration_size=64)
+
+
+def _graph(bundle):
+    return onnx.load(str(bundle / "model.onnx"))
+
+
+def _dq_matmuls(model):
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [n for n in model.graph.node if n.op_type == "MatMul"
+            and all(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
+def test_int8_graph_and_manifest(int8_bundle):
+    m = read_manifest(int8_bundle)
+    q = m["quantization"]
+    assert m["precision"] == "int8" and m["opset"] == 20 and q["zero_point_types"] == ["INT8"]
+    assert q["calibration"]["passages"] + q["calibration"]["queries"] == 64 and q["calibration"]["queries"] > 0
+    model = _graph(int8_bundle)
+    # every decoder projection (2 layers x q,k,v,o,gate,up,down) reads dequantised inputs
+    assert len(_dq_matmuls(model)) == 14 == len(q["quantized_matmuls"])
+    # the custom head survives, keeps its local function and receives no Q/DQ
+    head = [n for n in model.graph.node if n.domain == "nvembed"]
+    assert len(head) == 1 and [f.name for f in model.functions] == ["LatentAttentionPool"]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in head[0].input)
+    assert any("LatentAttentionPool" in k for k in q["kept_high_precision"])
+    assert m["validation"]["passed"] and m["validation"]["min_cosine"] >= 0.99
+
+
+def test_int8_runs_on_ort_cpu_within_budget(int8_bundle, tiny_checkpoint):
+    e = Embedder.load(int8_bundle, device="cpu")
+    assert e.precision == "int8" and not e.emulated and e.runner.rewritten
+    ref = Embedder.load(tiny_checkpoint, device="cpu")
+    assert_close_cos(e.embed(SAMPLE_TEXTS), ref.embed(SAMPLE_TEXTS), 0.99)
+    # the uint8 re-encoding of activations changes kernels, not the quantisation grid
+    plain = Embedder.load(int8_bundle, device="cpu", cpu_int8_u8_activations=False)
+    assert not plain.runner.rewritten
+    assert_close_cos(e.embed(SAMPLE_TEXTS), plain.embed(SAMPLE_TEXTS), 0.9999)
+
+
+def test_fp8_graph_has_e4m3_qdq_on_decoder_matmuls(fp8_bundle):
+    m = read_manifest(fp8_bundle)
+    assert m["precision"] == "fp8" and m["opset"] == 21
+    assert m["quantization"]["zero_point_types"] == ["FLOAT8E4M3FN"]
+    model = _graph(fp8_bundle)
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = _dq_matmuls(model)
+    assert len(dq) == 14
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for mm in dq:
+        for i in mm.input:
+            zp = producer[i].input[2]
+            assert inits[zp].data_type == FP8, (mm.name, zp)
+
+
+def test_fp8_emulated_on_cpu_within_budget(fp8_bundle, tiny_checkpoint):
+    e = Embedder.load(fp8_bundle, device="cpu")
+    assert e.emulated and e.precision == "fp8" and "emulated" in repr(e)
+    ref = Embedder.load(tiny_checkpoint, device="cpu")
+    assert_close_cos(e.embed(SAMPLE_TEXTS), ref.embed(SAMPLE_TEXTS), 0.99)
+    assert read_manifest(fp8_bundle)["validation"]["notes"] == ["emulated on cpu"]
+
+
+def test_parity_and_bench_work_on_quantised_bundles(tiny_checkpoint, int8_bundle, fp8_bundle, tmp_path):
+    runner = CliRunner()
+    for bundle in (int8_bundle, fp8_bundle):
+        res = runner.invoke(main, ["parity", str(tiny_checkpoint), str(bundle), "--limit", "32"])
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "bench.json"
+    (tmp_path / "t.txt").write_text("\n".join(SAMPLE_TEXTS))
+    res = runner.invoke(main, ["bench", str(tiny_checkpoint), str(int8_bundle), str(fp8_bundle), "--texts",
+                               str(tmp_path / "t.txt"), "--repeats", "1", "--batch-size", "4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "fp8 (emulated)"]
+    assert all(r["texts_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
+
+
+def test_outside_budget_fails_unless_forced(tiny_checkpoint, tmp_path, monkeypatch):
+    import nvembed_sdk.exporters.validate as validate
+    from nvembed_sdk.parity import Tolerance
+
+    monkeypatch.setattr(validate, "tolerance_for", lambda precision: Tolerance(0.9999999, 1.0))
+    with pytest.raises(ToleranceExceeded):
+        export_quantized(tiny_checkpoint, tmp_path / "strict", precision="int8", calibration_size=16)
+    out = export_quantized(tiny_checkpoint, tmp_path / "forced", precision="int8", calibration_size=16, force=True)
+    assert read_manifest(out)["validation"]["passed"] is False
+
+
+def test_calibration_file_cli(tiny_checkpoint, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": t}) for t in SAMPLE_TEXTS * 3))
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx", "--precision", "int8",
+                                    "--calibration", str(calib), "--output", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    q = read_manifest(tmp_path / "b")["quantization"]
+    assert q["calibration"]["source"] == str(calib) and q["calibration"]["passages"] == 21
+    assert np.isfinite(Embedder.load(tmp_path / "b").embed(SAMPLE_TEXTS)).all()
