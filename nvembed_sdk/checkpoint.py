@@ -24,7 +24,7 @@ from nvembed_sdk.model import NVEmbedModel
 _E = "embedding_model."
 _L = "latent_attention_model."
 
-# released name -> ours (None would mean "drop"; the release has nothing to drop).
+# released name -> ours (None = drop: a buffer that is not a weight).
 FROM_RELEASED: dict[str, str | None] = {
     _E + "embed_tokens.weight": "decoder.embed_tokens.weight",
     _E + "layers.{}.input_layernorm.weight": "decoder.layers.{}.attn_norm.weight",
@@ -37,6 +37,9 @@ FROM_RELEASED: dict[str, str | None] = {
     _E + "layers.{}.mlp.up_proj.weight": "decoder.layers.{}.mlp.up_proj.weight",
     _E + "layers.{}.mlp.down_proj.weight": "decoder.layers.{}.mlp.down_proj.weight",
     _E + "norm.weight": "decoder.norm.weight",
+    # Rotary frequencies are recomputed from the config; some transformers versions saved them.
+    _E + "layers.{}.self_attn.rotary_emb.inv_freq": None,
+    _E + "rotary_emb.inv_freq": None,
     _L + "latents": "head.latents",
     _L + "cross_attend_blocks.0.norm.weight": "head.norm_q.weight",
     _L + "cross_attend_blocks.0.norm.bias": "head.norm_q.bias",

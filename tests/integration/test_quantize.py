@@ -86,8 +86,15 @@ def test_fp8_graph_has_e4m3_qdq_on_decoder_matmuls(fp8_bundle):
 
 
 def test_fp8_emulated_on_cpu_within_budget(fp8_bundle, tiny_checkpoint):
+    import onnxruntime
+
+    from nvembed_sdk._optional import _version_tuple
+
     e = Embedder.load(fp8_bundle, device="cpu")
     assert e.emulated and e.precision == "fp8" and "emulated" in repr(e)
+    # ORT < 1.32 fails on FP8 graphs at the default level: the backend drops to "basic" there.
+    old = _version_tuple(onnxruntime.__version__) < (1, 32)
+    assert e.runner.opt_level == ("basic" if old else "all")
     ref = Embedder.load(tiny_checkpoint, device="cpu")
     assert_close_cos(e.embed(SAMPLE_TEXTS), ref.embed(SAMPLE_TEXTS), 0.99)
     assert read_manifest(fp8_bundle)["validation"]["notes"] == ["emulated on cpu"]

@@ -77,6 +77,12 @@ def test_extra_layer_key_is_named(tiny_checkpoint_copy):
         load_model(tiny_checkpoint_copy)
 
 
+def test_rotary_buffers_are_dropped(tiny_checkpoint_copy):
+    key = "embedding_model.layers.0.self_attn.rotary_emb.inv_freq"
+    _rewrite(tiny_checkpoint_copy, lambda t: t.__setitem__(key, torch.ones(8)))
+    assert load_model(tiny_checkpoint_copy).decoder.inv_freq.shape == (8,)
+
+
 def test_misshaped_key_is_named(tiny_checkpoint_copy):
     key = "embedding_model.layers.1.mlp.up_proj.weight"
     _rewrite(tiny_checkpoint_copy, lambda t: t.__setitem__(key, torch.zeros(3, 3)))
