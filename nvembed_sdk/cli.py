@@ -26,6 +26,10 @@ COMMANDS: dict[str, str] = {
     "export": "nvembed_sdk.cli_export:export",
     "parity": "nvembed_sdk.cli_parity:parity",
     "bench": "nvembed_sdk.cli_parity:bench",
+    "train": "nvembed_sdk.train.cli:train",
+    "mine": "nvembed_sdk.train.cli:mine",
+    "eval": "nvembed_sdk.train.cli:evaluate",
+    "tokenizer": "nvembed_sdk.train.cli:tokenizer",
 }
 
 

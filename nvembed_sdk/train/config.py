@@ -1,0 +1,327 @@
+"""``TrainConfig``: one frozen dataclass per training stage, read from a JSON, YAML or TOML file.
+
+A stage file names where the weights come from (``init``), the data sources, the loss settings
+and the schedule. Every field has a default except ``output_dir``; unknown keys are errors, so a
+typo never silently falls back to a default (nanoGPT's ``configurator.py`` warning, taken to
+heart: config is data, never exec'd code).
+
+Example (JSON)::
+
+    {
+      "output_dir": "runs/small/stage1",
+      "init": "scratch",
+      "model": {"preset": "tiny-test", "hidden_size": 256, "num_hidden_layers": 4},
+      "tokenizer": "runs/small/tokenizer",
+      "data": [{"path": "runs/small/mined/debian-packages.jsonl.gz", "max_examples": 40000}],
+      "batch_size": 64, "num_negatives": 3, "lr": 1e-3, "max_steps": 1000
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvembed_sdk.errors import ArtifactError, InputError, fmt
+
+INIT_KINDS = ("scratch", "nvembed", "mistral")
+DATA_FORMATS = ("auto", "jsonl", "debian-packages", "wordnet", "debian-sections")
+TASKS = ("retrieval", "classification", "clustering", "sts")
+SCHEDULES = ("linear", "cosine", "constant")
+
+# Tasks whose instruction goes on both sides (query and documents): both sides are "examples".
+SYMMETRIC_TASKS = ("classification", "clustering", "sts")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One training file.
+
+    Attributes:
+        path: a ``.jsonl`` or ``.jsonl.gz`` file.
+        format: ``debian-packages``, ``wordnet``, ``debian-sections`` (the files of
+            ../shared/data/train) or ``jsonl`` (generic records ``{query, positive, negatives?,
+            instruction?, task, group?}``). Defaults to ``auto`` (from the file name).
+        task: task type for ``debian-sections`` pairs (``classification`` or ``clustering``),
+            or a default for generic records without one. Defaults to None.
+        instruction: task text overriding the file's (``Instruct: {task}\\nQuery: `` is built
+            from it). Defaults to None.
+        max_examples: examples drawn (seeded) from the file per epoch; for
+            ``debian-sections`` the number of pairs built. Defaults to None (all).
+    """
+
+    path: str
+    format: str = "auto"
+    task: str | None = None
+    instruction: str | None = None
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise InputError(fmt("data.format", repr(self.format), f"one of {DATA_FORMATS}"))
+        if self.task is not None and self.task not in TASKS:
+            raise InputError(fmt("data.task", repr(self.task), f"one of {TASKS}"))
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        name = Path(self.path).name
+        for known in ("debian-packages", "debian-sections", "wordnet"):
+            if name.startswith(known + ".jsonl"):
+                return known
+        return "jsonl"
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """LoRA on the decoder (the latent head is always trained fully).
+
+    Attributes:
+        enabled: use LoRA; otherwise full fine-tuning. Defaults to False.
+        r: rank. Defaults to 16 (NV-Embed).
+        alpha: scaling numerator (scale = alpha / r). Defaults to 32.
+        dropout: dropout on the LoRA input. Defaults to 0.1.
+        target_modules: decoder linear layers to adapt. Defaults to all seven Mistral projections.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Periodic dev evaluation on a BEIR-layout directory.
+
+    Attributes:
+        beir_dir: the directory (``corpus.jsonl(.gz)``, ``queries.jsonl(.gz)``, ``qrels.tsv``,
+            optional ``instruction.txt``). Defaults to None (no eval).
+        every_steps: evaluate every N optimiser steps (and at the end). Defaults to 500.
+        max_queries: evaluate on a seeded subset of queries. Defaults to None (all).
+        max_corpus: keep the relevant documents plus a seeded subset of the rest. Defaults to
+            None (all).
+        batch_size: texts per forward pass. Defaults to 64.
+    """
+
+    beir_dir: str | None = None
+    every_steps: int = 500
+    max_queries: int | None = None
+    max_corpus: int | None = None
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage.
+
+    Attributes:
+        output_dir: where checkpoints (``checkpoints/step-NNNNNN``), the final model
+            (``final/``) and ``metrics.jsonl`` go.
+        init: ``scratch`` (fresh weights from ``model``), ``nvembed`` (a released-layout
+            checkpoint at ``init_path``) or ``mistral`` (a Mistral causal-LM checkpoint at
+            ``init_path``: ``model.*`` keys become the decoder, the latent head is fresh).
+            Defaults to ``scratch``.
+        init_path: checkpoint directory for ``nvembed`` / ``mistral``. Defaults to None.
+        model: for ``scratch``: ``{"preset": NAME, **DecoderConfig fields, "latent": {...}}``;
+            for ``mistral``: ``{"latent": {...}}`` overrides of the fresh latent head.
+            Defaults to {} (preset ``tiny-test``).
+        tokenizer: directory holding ``tokenizer.json``. Defaults to ``init_path``.
+        data: the training files, blended into one stream.
+        num_negatives: hard negatives per query (mined ones first, then random fill).
+            Defaults to 3.
+        in_batch_negatives: score each query against every document of the (global) batch.
+            Defaults to True (stage 1); stage 2 turns it off.
+        temperature: softmax temperature tau; logits are cosine / tau. Defaults to 0.05.
+        distill_weight: weight of a KL term towards teacher scores stored by ``nvembed mine``.
+            Defaults to 0 (off).
+        distill_temperature: temperature applied to the teacher scores. Defaults to 1.0.
+        batch_size: examples per optimiser step, over all ranks. Defaults to 64.
+        grad_accum_steps: micro-batches per step (each with its own in-batch negatives; the
+            loss is divided). Defaults to 1.
+        gradcache_chunk: embed in chunks of this many texts with GradCache (large batches in
+            small memory, same gradients). Defaults to 0 (off).
+        query_max_length: truncation of queries, instruction included. Defaults to 64.
+        doc_max_length: truncation of documents. Defaults to 256.
+        lr: peak learning rate. Defaults to 2e-5.
+        min_lr_ratio: final lr / peak lr of the decay. Defaults to 0.0.
+        weight_decay: AdamW weight decay (matrices only). Defaults to 0.03.
+        betas: AdamW betas. Defaults to (0.9, 0.999).
+        warmup_steps: linear warm-up. Defaults to 100.
+        schedule: ``linear``, ``cosine`` or ``constant`` after warm-up. Defaults to linear.
+        max_steps: optimiser steps. Defaults to 1000.
+        max_minutes: stop (with a checkpoint) after this wall time; the schedule still
+            follows ``max_steps``. Defaults to None.
+        grad_clip: global norm clip. Defaults to 1.0 (0 disables).
+        lora: LoRA settings.
+        eval: dev evaluation settings.
+        checkpoint_every_steps: write a checkpoint every N steps. Defaults to 500.
+        checkpoint_every_minutes: also write one when this much time passed. Defaults to None.
+        keep_checkpoints: how many step checkpoints to keep. Defaults to 2.
+        log_every_steps: log line interval. Defaults to 10.
+        seed: everything random derives from it. Defaults to 0.
+        num_threads: torch CPU threads. Defaults to None (torch's default).
+        device: ``auto``, ``cpu``, ``cuda``. Defaults to auto.
+        bf16: bf16 autocast on CUDA. Defaults to True (ignored on CPU).
+        save_dtype: dtype of the final checkpoint. Defaults to float32.
+        max_length: ``max_length`` recorded in the saved config. Defaults to None (keep).
+    """
+
+    output_dir: str
+    init: str = "scratch"
+    init_path: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    data: tuple[DataSource, ...] = ()
+    num_negatives: int = 3
+    in_batch_negatives: bool = True
+    temperature: float = 0.05
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    gradcache_chunk: int = 0
+    query_max_length: int = 64
+    doc_max_length: int = 256
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    schedule: str = "linear"
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    grad_clip: float = 1.0
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint_every_steps: int = 500
+    checkpoint_every_minutes: float | None = None
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+    device: str = "auto"
+    bf16: bool = True
+    save_dtype: str = "float32"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.init in INIT_KINDS, "init", repr(self.init), f"one of {INIT_KINDS}"),
+            (self.init == "scratch" or self.init_path, "init_path", None, f"a checkpoint directory for init {self.init!r}"),
+            (self.init != "scratch" or self.tokenizer, "tokenizer", None,
+             "a tokenizer directory (train one with `nvembed tokenizer train`) for init 'scratch'"),
+            (self.schedule in SCHEDULES, "schedule", repr(self.schedule), f"one of {SCHEDULES}"),
+            (self.temperature > 0, "temperature", self.temperature, "must be > 0"),
+            (self.num_negatives >= 0, "num_negatives", self.num_negatives, "must be >= 0"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
+            (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
+             self.grad_accum_steps, f"must be >= 1 and divide batch_size ({self.batch_size})"),
+            (self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1"),
+            (len(self.data) > 0, "data", "no sources", "at least one {\"path\": ...} entry"),
+        ]
+        for ok, name, got, expected in checks:
+            if not ok:
+                raise InputError(fmt(f"train config {name}", got, expected))
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return str(self.tokenizer or self.init_path)
+
+    # ---- I/O --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base_dir: str | Path | None = None) -> TrainConfig:
+        """Build from a plain dict (as read from a file), rejecting unknown keys.
+
+        Args:
+            d: the settings.
+            base_dir: unused; paths are taken relative to the working directory, as the CLI runs.
+                Defaults to None.
+
+        Raises:
+            InputError: unknown keys or bad values.
+        """
+        if not isinstance(d, dict):
+            raise InputError(fmt("train config", type(d).__name__, "a mapping of settings"))
+        d = dict(d)
+        _reject_unknown("train config", d, cls)
+        if "data" in d:
+            items = d["data"] if isinstance(d["data"], list) else [d["data"]]
+            sources = []
+            for item in items:
+                item = {"path": item} if isinstance(item, str) else dict(item)
+                _reject_unknown("train config data[]", item, DataSource)
+                sources.append(DataSource(**item))
+            d["data"] = tuple(sources)
+        if "lora" in d:
+            lo = dict(d["lora"])
+            _reject_unknown("train config lora", lo, LoRASettings)
+            if "target_modules" in lo:
+                lo["target_modules"] = tuple(lo["target_modules"])
+            d["lora"] = LoRASettings(**lo)
+        if "eval" in d:
+            ev = dict(d["eval"])
+            _reject_unknown("train config eval", ev, EvalSettings)
+            d["eval"] = EvalSettings(**ev)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise InputError(fmt("train config", str(exc), "see `nvembed train --help` for the fields")) from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a ``.json``, ``.yaml``/``.yml`` or ``.toml`` stage file.
+
+        Args:
+            path: the file.
+            overrides: top-level keys replacing the file's. Defaults to None.
+
+        Raises:
+            ArtifactError: missing or unreadable file.
+            InputError: bad settings.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise ArtifactError(fmt("train config", f"no file at {p}", "a .json, .yaml or .toml stage file"))
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            elif p.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # json/yaml/toml each raise their own error type
+            raise ArtifactError(fmt(str(p), f"unreadable ({exc})", "valid JSON, YAML or TOML")) from exc
+        data = {**(data or {}), **(overrides or {})}
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = [dict(s) for s in d["data"]]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _reject_unknown(where: str, d: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(fmt(where, f"unknown keys {unknown}", f"valid keys: {sorted(known)}"))
