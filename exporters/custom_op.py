@@ -87,9 +87,11 @@ def head_function(num_heads: int, head_dim: int, compute_dtype: int, opset: int)
     g = "ff_gate"
     half = const("half", 0.5, compute_dtype)
     one = const("one", 1.0, compute_dtype)
-    inv_sqrt2 = const("inv_sqrt2", 0.7071067811865476, compute_dtype)
-    erf = node("Erf", [node("Mul", [g, inv_sqrt2], "gate_scaled")], "gate_erf")
-    gelu = node("Mul", [node("Mul", [g, half], "gate_half"), node("Add", [erf, one], "gate_erf1")], "gelu")
+    sqrt2 = const("sqrt2", 1.4142135623730951, compute_dtype)
+    # Exact erf GELU written as (g * (erf(g / sqrt2) + 1)) * 0.5: the pattern ONNX Runtime
+    # and TensorRT fuse into one Gelu kernel, and valid at every opset (Gelu is opset 20).
+    erf = node("Erf", [node("Div", [g, sqrt2], "gate_scaled")], "gate_erf")
+    gelu = node("Mul", [node("Mul", [g, node("Add", [erf, one], "gate_erf1")], "gate_x_erf1"), half], "gelu")
     ff = node("Add", [node("MatMul", [node("Mul", ["ff_val", gelu], "geglu"), "w_ff_out"], "ff_mm2"), "b_ff_out"],
               "ff_out")  # (B, T, D)
     h2 = node("Add", [node("Cast", [ff], "ff_out_f32", to=f32), h1], "h2")

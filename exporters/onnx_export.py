@@ -26,6 +26,7 @@ from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.exporters.custom_op import DOMAIN, OP_NAME, OP_VERSION, WEIGHT_INPUTS, head_function
 from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, POOL_RULE, checkpoint_hash, write_manifest
+from nvembed_sdk.model import RMSNorm
 from nvembed_sdk.text import TextPipeline
 
 log = logging.getLogger("nvembed_sdk.export")
@@ -49,6 +50,9 @@ class _DecoderGraph(nn.Module):
 def _trace_decoder(model: nn.Module, opset: int) -> Any:
     for layer in model.decoder.layers:
         layer.attn.explicit_attention = True
+    for module in model.decoder.modules():
+        if isinstance(module, RMSNorm):
+            module.div_form = True
     # Unequal lengths and batch/seq >= 2 so nothing specialises on the example (tensorrt-modelopt.md §5.3).
     ids = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 2, 2, 2, 2], [1, 10, 11, 2, 2, 2]])
     mask = (torch.arange(6)[None] < torch.tensor([[6], [3], [4]])).long()
@@ -171,6 +175,7 @@ def export_onnx(
     validate: bool = True,
     max_length: int | None = None,
     texts: list[str] | None = None,
+    warn_unvalidated: bool = True,
 ) -> Path:
     """Export a checkpoint to an ONNX bundle and validate it against PyTorch fp32.
 
@@ -183,6 +188,8 @@ def export_onnx(
             DESIGN.md budget. Defaults to True.
         max_length: text max length recorded in the manifest. Defaults to the checkpoint's.
         texts: validation texts. Defaults to the SDK's held-out real text.
+        warn_unvalidated: log a warning when ``validate`` is False. Defaults to True (False
+            for intermediate graphs that are validated after a later step, e.g. quantisation).
 
     Returns:
         The bundle directory.
@@ -230,7 +237,8 @@ def export_onnx(
 
         validate_export(src, out, texts=texts)  # records the report in nvembed.json, raises outside budget
     else:
-        log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", out)
+        if warn_unvalidated:
+            log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", out)
         manifest["validation"] = {"skipped": True}
         write_manifest(out, manifest)
     return out

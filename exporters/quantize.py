@@ -263,7 +263,7 @@ def export_quantized(
     passages, queries, source = load_calibration_texts(calibration, size)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         base = export_onnx(model, Path(tmp) / "fp32", precision="fp32", opset=opset, validate=False,
-                           max_length=max_length)
+                           max_length=max_length, warn_unvalidated=False)  # validated after quantisation
         manifest = read_manifest(base)
         pipe = TextPipeline(base)
         batches = calibration_batches(pipe, passages, queries,

@@ -50,7 +50,7 @@ def parity(reference: str, candidate: str, texts_file: str | None, instruction: 
               help="Texts (.txt or .jsonl[.gz]). Default: 256 real passages, truncated to --max-length tokens.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--max-length", default=128, show_default=True, help="Truncation (tokens per text).")
-@click.option("--repeats", default=3, show_default=True, help="Timed passes over the texts.")
+@click.option("--repeats", default=5, show_default=True, help="Timed passes per artifact, interleaved round-robin; median reported.")
 @click.option("--num-texts", default=256, show_default=True, help="Number of default texts.")
 @click.option("--device", default=None, help="Device for every artifact.")
 @click.option("--precision", default=None, help="torch backend precision for checkpoint artifacts (fp32, bf16, ...).")
@@ -61,8 +61,9 @@ def bench(artifacts: tuple[str, ...], texts_file: str | None, batch_size: int, m
           num_texts: int, device: str | None, precision: str | None, threads: int | None, json_out: str | None) -> None:
     """Measure texts/s, tokens/s, p50/p95 batch latency and peak memory of each artifact.
 
-    All artifacts run in this process, one after another, on the same texts; ratios are against
-    the first. A benchmark, not a test.
+    All artifacts are loaded in this process and run on the same texts; their timed passes are
+    interleaved round-robin and the median pass is reported, with ratios against the first
+    artifact. A benchmark, not a test.
     """
     from nvembed_sdk.bench import bench_texts, format_results, run_bench
     from nvembed_sdk.textsets import read_texts

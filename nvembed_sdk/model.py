@@ -26,13 +26,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # True: x / sqrt(mean(x^2) + eps), the form ONNX Runtime fuses into one
+        # SimplifiedLayerNormalization; same value as x * rsqrt(...) to about one ulp.
+        self.div_form = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the activation dtype (fp16 x.pow(2) overflows); the result
         # is cast back before the weight multiply, as transformers' MistralRMSNorm does.
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        var = h.pow(2).mean(-1, keepdim=True)
+        h = h / torch.sqrt(var + self.eps) if self.div_form else h * torch.rsqrt(var + self.eps)
         return self.weight * h.to(dtype)
 
 

@@ -78,7 +78,7 @@ def main() -> None:
             for b, t in ((32, 128), (8, 512)):
                 x = torch.randint(3, 32000, (b, t), device="cuda")
                 m = torch.ones_like(x)
-                sec, n = timed(lambda x=x, m=m: model(x, m, m), args.seconds)
+                sec, _ = timed(lambda x=x, m=m, net=model: net(x, m, m), args.seconds)
                 row[f"texts_per_s@{b}x{t}"] = round(b / sec, 1)
                 row[f"tokens_per_s@{b}x{t}"] = round(b * t / sec)
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)

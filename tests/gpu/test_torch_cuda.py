@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from conftest import SAMPLE_TEXTS, assert_close_cos
 
 pytestmark = pytest.mark.gpu
