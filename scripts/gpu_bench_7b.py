@@ -25,6 +25,8 @@ def build(layers: int, dtype: torch.dtype) -> NVEmbedModel:
     cfg = base.replace(text=DecoderConfig(**{**base.text.__dict__, "num_hidden_layers": layers, "head_dim": None}))
     with torch.device("meta"):
         model = NVEmbedModel(cfg)
+    # Sampled in fp32 then cast, so every precision holds the same weights as the fp32 reference
+    # (sampling directly in bf16/fp16 draws different numbers).
     model = model.to_empty(device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
@@ -68,8 +70,9 @@ def main() -> None:
     del ref
     torch.cuda.empty_cache()
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        torch.cuda.reset_peak_memory_stats()
         model = build(args.layers, dtype)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak = weights in `dtype` + inference activations
         with torch.inference_mode():
             e = model(ids, mask, mask).float()
             cos = torch.nn.functional.cosine_similarity(e, e_ref, dim=-1)

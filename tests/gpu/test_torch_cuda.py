@@ -68,3 +68,15 @@ def test_onnx_bundle_on_cuda_or_clear_error(tiny_checkpoint, tmp_path):
     assert e.device == "cuda"
     ref = Embedder.load(tiny_checkpoint, device="cpu").embed(SAMPLE_TEXTS)
     assert_close_cos(e.embed(SAMPLE_TEXTS), ref, 0.9999)
+
+
+def test_shipped_model_on_cuda(cpu_ref):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "nvembed-debian-small"
+    if not (shipped / "model.safetensors").is_file():
+        pytest.skip(f"{shipped} has no weights")
+    ref = Embedder.load(shipped, device="cpu")
+    for precision in ("fp16", "autocast", "bf16"):
+        e = Embedder.load(shipped, device="cuda", precision=precision)
+        assert_close_cos(e.embed(SAMPLE_TEXTS), ref.embed(SAMPLE_TEXTS), BUDGET[precision])
