@@ -140,9 +140,13 @@ def build_graph(model: nn.Module, precision: str = "fp32", opset: int = DEFAULT_
                                          compute, opset))
     proto.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
     proto.producer_name = "nvembed-sdk"
-    if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # the in-memory checker cannot take > 2 GB
+    if _weight_bytes(proto) < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot serialise > 2 GB in memory
         onnx.checker.check_model(proto)
     return proto
+
+
+def _weight_bytes(proto: Any) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
 def _half_copy(model: nn.Module) -> nn.Module:
@@ -157,11 +161,11 @@ def _half_copy(model: nn.Module) -> nn.Module:
 def save_onnx(proto: Any, path: Path) -> list[str]:
     """Save, with external data when the weights pass ~1.8 GB. Returns the files written."""
     onnx = require("onnx")
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weights >= EXTERNAL_DATA_THRESHOLD:
+    if _weight_bytes(proto) >= EXTERNAL_DATA_THRESHOLD:
         data = path.name + ".data"
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
+        onnx.checker.check_model(str(path))  # by path: resolves the external data
         return [path.name, data]
     onnx.save_model(proto, str(path))
     return [path.name]
