@@ -68,7 +68,7 @@ def bench_texts(num_texts: int = 256) -> list[str]:
     """Real passages long enough to fill 128 tokens (truncation makes them exactly 128)."""
     from nvembed_sdk.textsets import default_texts
 
-    texts = [t for t in default_texts("validation", kind="passage") + default_texts("calibration", kind="passage")]
+    texts = default_texts("validation", kind="passage") + default_texts("calibration", kind="passage")
     return (texts * (num_texts // max(len(texts), 1) + 1))[:num_texts]
 
 
