@@ -76,12 +76,17 @@ def _trace_decoder(model: nn.Module, opset: int) -> Any:
 
 
 def _head_initializers(model: nn.Module, np_dtype: Any) -> dict[str, np.ndarray]:
-    """The head's weights as node inputs, K/V folded (shapes in custom_op.WEIGHT_INPUTS)."""
+    """The head's weights as node inputs, folded (custom_op docstring; shapes in WEIGHT_INPUTS)."""
     head = model.head
     cfg = head.cfg
+    h, r, dh = cfg.num_cross_heads, cfg.num_latents_value, cfg.cross_dim_head
     with torch.no_grad():
-        k, v = head.compute_kv()  # (h, r, dh) each, fp32
-        k_scaled_t = (k * cfg.cross_dim_head**-0.5).transpose(1, 2)  # (h, dh, r)
+        k, v = (t.double() for t in head.compute_kv())  # (h, r, dh) each
+        w_q = head.to_q.weight.detach().double().T.reshape(-1, h, dh)  # (D, h, dh)
+        w_out = head.to_out.weight.detach().double().T.reshape(h, dh, -1)  # (h, dh, D)
+        # Products in float64, rounded once to the export dtype (custom_op module docstring).
+        w_qk = torch.einsum("dhe,hre->dhr", w_q, k * dh**-0.5).reshape(w_q.shape[0], h * r)  # (D, h*r)
+        w_vo = torch.einsum("hre,hed->hrd", v, w_out).reshape(h * r, -1)  # (h*r, D)
 
         def mm(w: torch.Tensor) -> np.ndarray:  # nn.Linear (out, in) -> MatMul (in, out)
             return w.detach().float().T.contiguous().numpy().astype(np_dtype)
@@ -89,15 +94,20 @@ def _head_initializers(model: nn.Module, np_dtype: Any) -> dict[str, np.ndarray]
         def f32(t: torch.Tensor) -> np.ndarray:
             return t.detach().float().contiguous().numpy()
 
+        def vec(t: torch.Tensor) -> np.ndarray:
+            return f32(t).astype(np_dtype)
+
+        D = head.ff_out.weight.shape[0]
+
         weights = {
             "norm_q_weight": f32(head.norm_q.weight), "norm_q_bias": f32(head.norm_q.bias),
-            "w_q": mm(head.to_q.weight),
-            "k_scaled_t": k_scaled_t.float().contiguous().numpy().astype(np_dtype),
-            "v": v.float().contiguous().numpy().astype(np_dtype),
-            "w_out": mm(head.to_out.weight),
+            "w_qk": w_qk.float().contiguous().numpy().astype(np_dtype),
+            "w_vo": w_vo.float().contiguous().numpy().astype(np_dtype),
             "norm_ff_weight": f32(head.norm_ff.weight), "norm_ff_bias": f32(head.norm_ff.bias),
-            "w_ff_in": mm(head.ff_in.weight), "b_ff_in": head.ff_in.bias.detach().float().numpy().astype(np_dtype),
-            "w_ff_out": mm(head.ff_out.weight), "b_ff_out": head.ff_out.bias.detach().float().numpy().astype(np_dtype),
+            # GEGLU: the first half of ff_in's outputs is the value, the second the gate.
+            "w_ff_val": mm(head.ff_in.weight[: 4 * D]), "b_ff_val": vec(head.ff_in.bias[: 4 * D]),
+            "w_ff_gate": mm(head.ff_in.weight[4 * D :]), "b_ff_gate": vec(head.ff_in.bias[4 * D :]),
+            "w_ff_out": mm(head.ff_out.weight), "b_ff_out": vec(head.ff_out.bias),
         }
     assert tuple(weights) == WEIGHT_INPUTS
     return weights
@@ -136,7 +146,7 @@ def build_graph(model: nn.Module, precision: str = "fp32", opset: int = DEFAULT_
     ))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", model.cfg.dim]))
-    proto.functions.append(head_function(model.cfg.latent.num_cross_heads, model.cfg.latent.cross_dim_head,
+    proto.functions.append(head_function(model.cfg.latent.num_cross_heads, model.cfg.latent.num_latents_value,
                                          compute, opset))
     proto.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
     proto.producer_name = "nvembed-sdk"

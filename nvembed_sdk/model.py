@@ -83,17 +83,20 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         rep = self.n_head // self.n_kv
-        if rep > 1:
-            # Query head i reads K/V head i // rep (transformers' repeat_kv), written out so the
-            # exported graph needs no GQA-aware attention op.
-            k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
-            v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
+        # Query head i reads K/V head i // rep (transformers' repeat_kv).
         # mask: (B, 1, 1, T) additive, 0 on real keys and dtype-min on padded keys.
         if self.explicit_attention:
-            scores = torch.matmul(q, k.transpose(2, 3)).float() * (self.head_dim**-0.5)  # (B, nh, T, T)
+            # Written out for export: the rep query heads of one K/V head stacked along the
+            # sequence axis, (B, nkv, rep*T, hd), so K/V are never copied per query head and
+            # each K/V head is one larger MatMul. Softmax in fp32.
+            qg = q.reshape(B, self.n_kv, rep * T, self.head_dim)
+            scores = torch.matmul(qg, k.transpose(2, 3)).float() * (self.head_dim**-0.5)  # (B, nkv, rep*T, T)
             probs = torch.softmax(scores + mask.float(), dim=-1).to(q.dtype)
-            y = torch.matmul(probs, v)  # (B, nh, T, hd)
+            y = torch.matmul(probs, v).reshape(B, self.n_head, T, self.head_dim)  # (B, nh, T, hd)
         else:
+            if rep > 1:
+                k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
+                v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)

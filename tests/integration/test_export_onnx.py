@@ -41,10 +41,10 @@ def test_graph_contract(bundle_fp32):
     custom = [n for n in model.graph.node if n.domain == "nvembed"]
     assert len(custom) == 1 and custom[0].op_type == "LatentAttentionPool"
     assert [(f.domain, f.name) for f in model.functions] == [("nvembed", "LatentAttentionPool")]
-    assert {o.domain: o.version for o in model.opset_import} == {"": 20, "nvembed": 1}
-    # K/V of the latents are folded constants: to_kv is not in the graph.
+    assert {o.domain: o.version for o in model.opset_import} == {"": 20, "nvembed": 2}
+    # K/V of the latents are folded constants (to_kv is not in the graph), and so are W_q.K and V.W_out.
     names = {i.name for i in model.graph.initializer}
-    assert "nvembed_head.k_scaled_t" in names and not any("to_kv" in n for n in names)
+    assert {"nvembed_head.w_qk", "nvembed_head.w_vo"} <= names and not any("to_kv" in n for n in names)
     onnx.checker.check_model(model)
 
 

@@ -162,3 +162,24 @@ def test_meta_build_has_no_real_storage():
         m = NVEmbedModel(PRESETS["nv-embed-v2"])
     assert all(p.is_meta for p in m.parameters())
     assert sum(p.numel() for p in m.parameters()) == 7_851_016_192
+
+
+def test_export_forms_equal_the_module(tiny_model):
+    """The written-out forms the exporter traces (explicit GQA attention without K/V copies,
+    RMSNorm as a division) compute what SDPA and the plain RMSNorm compute, padding included."""
+    from nvembed_sdk.model import RMSNorm
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, tiny_model.cfg.text.vocab_size, (3, 11))
+    mask = (torch.arange(11)[None] < torch.tensor([[11], [4], [7]])).long()
+    assert tiny_model.cfg.text.num_attention_heads > tiny_model.cfg.text.num_key_value_heads  # GQA is exercised
+    with torch.no_grad():
+        ref = tiny_model(ids, mask)
+        for layer in tiny_model.decoder.layers:
+            layer.attn.explicit_attention = True
+        for mod in tiny_model.modules():
+            if isinstance(mod, RMSNorm):
+                mod.div_form = True
+        out = tiny_model(ids, mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert not torch.equal(ref[0], ref[1])

