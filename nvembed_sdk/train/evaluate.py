@@ -8,6 +8,7 @@ Layout: ``corpus.jsonl(.gz)`` (``{"_id", "text", "title"?}``), ``queries.jsonl(.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ def evaluate_artifact(artifact: str | Path, beir_dir: str | Path, batch_size: in
     """nDCG@10, Recall@100, MRR@10 of any artifact ``Embedder.load`` reads, or of ``"bm25"``.
 
     Args:
-        artifact: checkpoint dir, bundle dir, ``model.onnx``, ``engine.plan``, or ``"bm25"``.
+        artifact: checkpoint dir, bundle dir, ``model.onnx``, ``engine.plan``, ``"bm25"``, or a
+            sentence encoder (``"minilm"`` or a transformers encoder directory; mean pooling, no
+            instruction), e.g. to compare with a distillation teacher.
         beir_dir: BEIR-layout directory.
         batch_size: texts per forward pass. Defaults to 64.
         device: device for the Embedder. Defaults to None (auto).
@@ -154,10 +157,26 @@ def evaluate_artifact(artifact: str | Path, beir_dir: str | Path, batch_size: in
     beir = load_beir(beir_dir).subset(max_queries, max_corpus)
     if str(artifact) == "bm25":
         return evaluate_bm25(beir)
+    if str(artifact) == "minilm" or _is_encoder_dir(Path(artifact)):
+        # A sentence encoder (e.g. a distillation teacher): mean pooling, no instruction.
+        from nvembed_sdk.train.distill import teacher_encoder
+
+        enc = teacher_encoder(str(artifact), batch_size=batch_size, max_length=256, device=device)
+        return retrieval_metrics(enc(beir.queries) @ enc(beir.docs).T, beir)
     from nvembed_sdk.embedder import Embedder
 
     with Embedder.load(artifact, device=device, **options) as emb:
         return evaluate_embedder(emb, beir, batch_size=batch_size, show_progress=show_progress)
+
+
+def _is_encoder_dir(p: Path) -> bool:
+    """A transformers model directory that is not an nvembed checkpoint or bundle."""
+    if not (p.is_dir() and (p / "config.json").is_file()) or (p / "nvembed.json").is_file():
+        return False
+    try:
+        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("model_type") != "nvembed"
+    except (OSError, ValueError):
+        return False
 
 
 __all__ = ["BeirSet", "evaluate_artifact", "evaluate_bm25", "evaluate_embedder", "load_beir", "retrieval_metrics"]

@@ -131,3 +131,20 @@ def test_config_requires_a_teacher_for_distillation(tmp_path):
     with pytest.raises(InputError, match="init_token_embeddings"):
         TrainConfig.from_dict({"output_dir": str(tmp_path), "init": "nvembed", "init_path": "x", "data": ["a.jsonl"],
                                "teacher": "minilm", "init_token_embeddings": True})
+
+
+def test_eval_scores_an_encoder_directory_like_its_embeddings(tmp_path, bert_teacher):
+    """`nvembed eval` on a teacher directory: the metrics of its own mean-pooled cosine ranking."""
+    from nvembed_sdk.train.data import write_jsonl
+    from nvembed_sdk.train.evaluate import evaluate_artifact, load_beir, retrieval_metrics
+
+    d = tmp_path / "beir"
+    docs = ["audio video tools", "chess game", "python perl support", "kernel network tools"]
+    write_jsonl(d / "corpus.jsonl", [{"_id": f"d{i}", "text": t} for i, t in enumerate(docs)])
+    write_jsonl(d / "queries.jsonl", [{"_id": "q0", "text": "audio tools"}, {"_id": "q1", "text": "chess"}])
+    (d / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\n")
+    got = evaluate_artifact(str(bert_teacher), d)
+    enc = teacher_encoder(str(bert_teacher), max_length=256)
+    beir = load_beir(d)
+    want = retrieval_metrics(enc(beir.queries) @ enc(beir.docs).T, beir)
+    assert got == want and got["queries"] == 2
