@@ -294,6 +294,12 @@ class Dist:
         parts[self.rank] = x
         return torch.cat(parts)
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def sum_grads(self, params: list[torch.Tensor]) -> None:
         if self.world == 1:
             return
@@ -319,7 +325,7 @@ def setup_dist() -> Dist:
 
 
 def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, model: NVEmbedModel, fresh: bool,
-                        log: Any, main: bool) -> tuple[TeacherCache, np.ndarray]:
+                        log: Any, dist_: Dist) -> tuple[TeacherCache, np.ndarray]:
     """Fill the teacher cache (vocabulary pieces, and the queries and positives of the pair
     sources: the texts every epoch sees; negatives and section texts get targets when already
     cached), fix the projection, and on a fresh scratch start write the teacher's piece
@@ -331,18 +337,21 @@ def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, m
     for exs in data._fixed.values():
         for e in exs:
             texts += [e.query, e.positive]
-    missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
-    if missing:
-        if not main:
-            raise ArtifactError(fmt("teacher cache", f"{missing} texts missing on rank > 0",
-                                    "fill it first with a single-process run (or nvembed train on one rank)"))
-        log(f"teacher {cfg.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
-        cache.fill(texts, teacher_encoder(cfg.teacher, max_length=cfg.teacher_max_length,
-                                          num_threads=cfg.num_threads))
+    if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
+        missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
+        if missing:
+            log(f"teacher {cfg.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
+            cache.fill(texts, teacher_encoder(cfg.teacher, max_length=cfg.teacher_max_length,
+                                              num_threads=cfg.num_threads))
+        cache.projection(model.cfg.text.hidden_size)
+    dist_.barrier()
+    if not dist_.main:
+        cache = TeacherCache(cfg.teacher_cache_dir)
     proj = cache.projection(model.cfg.text.hidden_size)
     if cfg.init_token_embeddings and fresh:
         n = init_token_embeddings(model.decoder.embed_tokens.weight, pieces, cache, proj)
-        log(f"input embeddings: {n:,} of {len(pieces):,} rows from the teacher's piece embeddings")
+        if dist_.main:
+            log(f"input embeddings: {n:,} of {len(pieces):,} rows from the teacher's piece embeddings")
     return cache, proj
 
 
@@ -434,8 +443,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     # -- embedding distillation: teacher targets for every training text, cached on disk
     distill = None
     if cfg.teacher and (cfg.embed_distill_weight > 0 or cfg.init_token_embeddings):
-        distill = _setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log,
-                                      main=dist_.main)
+        distill = _setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log, dist_=dist_)
 
     def embed(enc) -> torch.Tensor:
         with autocast:
