@@ -8,7 +8,6 @@ Layout: ``corpus.jsonl(.gz)`` (``{"_id", "text", "title"?}``), ``queries.jsonl(.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -171,12 +170,9 @@ def evaluate_artifact(artifact: str | Path, beir_dir: str | Path, batch_size: in
 
 def _is_encoder_dir(p: Path) -> bool:
     """A transformers model directory that is not an nvembed checkpoint or bundle."""
-    if not (p.is_dir() and (p / "config.json").is_file()) or (p / "nvembed.json").is_file():
-        return False
-    try:
-        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("model_type") != "nvembed"
-    except (OSError, ValueError):
-        return False
+    from nvembed_sdk.train.mining import _is_nvembed
+
+    return p.is_dir() and (p / "config.json").is_file() and not (p / "nvembed.json").is_file() and not _is_nvembed(p)
 
 
 __all__ = ["BeirSet", "evaluate_artifact", "evaluate_bm25", "evaluate_embedder", "load_beir", "retrieval_metrics"]
