@@ -268,6 +268,10 @@ class TrainData:
             self._pools[i] = ([r["text"] for r in recs], ["label:" + r["label"] for r in recs])
         self._epoch_cache: tuple[int, list[Example], list[list[int]], int] | None = None
 
+    def pair_texts(self) -> list[str]:
+        """Every query and positive of the pair sources (not section texts), in file order."""
+        return [t for exs in self._fixed.values() for e in exs for t in (e.query, e.positive)]
+
     def epoch_examples(self, epoch: int) -> list[Example]:
         """The examples of one epoch: seeded subsets of each source, shuffled together."""
         rng = random.Random(self.seed * 1_000_003 + epoch)  # not hash(): str hashing is salted per process

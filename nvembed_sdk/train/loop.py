@@ -331,12 +331,8 @@ def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, m
     cached), fix the projection, and on a fresh scratch start write the teacher's piece
     embeddings into the input embeddings."""
     cache = TeacherCache(cfg.teacher_cache_dir)
-    texts: list[str] = []
     pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.init_token_embeddings else []
-    texts += [p for p in pieces if p]
-    for exs in data._fixed.values():
-        for e in exs:
-            texts += [e.query, e.positive]
+    texts = [p for p in pieces if p] + data.pair_texts()
     if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
         missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
         if missing:
