@@ -141,9 +141,11 @@ class OrtBackend(Backend):
 def _u8_activation_bytes(model: Path) -> bytes | None:
     """The INT8 graph with activation Q/DQ moved from int8 (zero point 0) to uint8 (zero point 128).
 
-    ModelOpt writes symmetric int8 activations, the form TensorRT needs. ONNX Runtime's x86 CPU
-    kernels fuse DQ -> MatMul into ``MatMulIntegerToFloat`` only for uint8 activations, so the
-    int8 graph would run its MatMuls in float behind DequantizeLinear. ``q_u8 = q_s8 + 128`` with
+    ModelOpt writes symmetric int8 activations, the form TensorRT needs. With them ONNX Runtime
+    1.24's CPU optimiser fuses DQ -> MatMul into ``MatMulIntegerToFloat`` only where the activation
+    DequantizeLinear has one consumer: q/k/v and gate/up share one (common-subexpression
+    elimination merges copies), so 20 of the shipped model's 28 projections ran in float behind
+    DequantizeLinear (measured: 8 of 28 fused; with uint8 activations all 28, 1.7x faster). ``q_u8 = q_s8 + 128`` with
     zero point 128 is the same quantisation grid (same scale, same rounding, same clipping), so
     this rewrite changes kernels, not numerics. In memory only; graphs over 2 GB are left alone.
     """
