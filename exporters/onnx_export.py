@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,7 @@ def export_onnx(
     max_length: int | None = None,
     texts: list[str] | None = None,
     warn_unvalidated: bool = True,
+    transform: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Export a checkpoint to an ONNX bundle and validate it against PyTorch fp32.
 
@@ -203,6 +205,8 @@ def export_onnx(
         texts: validation texts. Defaults to the SDK's held-out real text.
         warn_unvalidated: log a warning when ``validate`` is False. Defaults to True (False
             for intermediate graphs that are validated after a later step, e.g. quantisation).
+        transform: called on the loaded fp32 ``NVEmbedModel`` before tracing, for exact
+            re-parametrisations such as the INT8 export's smoothing. Defaults to None.
 
     Returns:
         The bundle directory.
@@ -221,6 +225,8 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     torch_model = load_model(src, dtype="float32")
+    if transform is not None:
+        transform(torch_model)
     proto = build_graph(torch_model, precision, opset)
     del torch_model
     with tempfile.TemporaryDirectory(dir=out) as tmp:

@@ -45,6 +45,7 @@ DEFAULT_CALIBRATION_SIZE = 256
 CALIBRATION_MAX_LENGTH = 512
 QUANTIZED_OP_TYPES = ["MatMul", "Gemm"]
 HEAD_NODE_PATTERN = r".*nvembed_head.*"
+SMOOTH_ALPHA = 0.5
 
 
 def calibration_batches(
@@ -69,6 +70,57 @@ def calibration_batches(
     rows.sort(key=lambda r: len(r[0]))
     return [pipe.collate([r[0] for r in rows[i : i + batch_size]], [r[1] for r in rows[i : i + batch_size]])
             for i in range(0, len(rows), batch_size)]
+
+
+def smooth_mlp_down_inputs(model: Any, batches: Sequence[Batch], alpha: float = SMOOTH_ALPHA) -> list[float]:
+    """SmoothQuant on each decoder MLP's ``down_proj`` input, folded exactly into the weights.
+
+    The input of ``down_proj`` is ``silu(gate(x)) * up(x)`` (B, T, I): a few of its I channels
+    carry values far above the rest, and one per-tensor static INT8 scale then leaves the other
+    channels a handful of levels (measured on the shipped model, MLP 1,024: min per-row cosine
+    0.985 with every projection INT8, 0.9998 with the four ``down_proj`` kept fp32). With
+    ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` (Xiao et al., SmoothQuant) channel j of the
+    input is divided by s_j and column j of ``down_proj`` multiplied by it. The division is folded
+    into row j of ``up_proj``, which is exact because the input is linear in ``up(x)``; the fp32
+    model computes the same function and only the INT8 grid changes.
+
+    Args:
+        model: fp32 ``NVEmbedModel`` (modified in place).
+        batches: calibration batches (the same texts the quantiser calibrates on).
+        alpha: migration strength. Defaults to 0.5.
+
+    Returns:
+        Per layer, the largest input-channel absmax over the median one before smoothing.
+    """
+    import torch
+
+    layers = model.decoder.layers
+    stats: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(_mod: Any, args: tuple[Any, ...]) -> None:
+            amax = args[0].detach().abs().flatten(0, -2).amax(0)  # (I,)
+            stats[i] = torch.maximum(stats[i], amax) if i in stats else amax
+        return fn
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*(torch.from_numpy(v) for v in (b.input_ids, b.attention_mask, b.pool_mask)))
+    finally:
+        for h in handles:
+            h.remove()
+    spread = []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            act = stats[i].clamp(min=1e-5)
+            w = layer.mlp.down_proj.weight.abs().amax(0).clamp(min=1e-5)  # (I,) over the D outputs
+            s = (act.pow(alpha) / w.pow(1.0 - alpha)).clamp(1e-3, 1e3)
+            layer.mlp.up_proj.weight.div_(s[:, None])  # (I, D): row j scaled by 1 / s_j
+            layer.mlp.down_proj.weight.mul_(s[None, :])  # (D, I): column j scaled by s_j
+            spread.append(float(act.max() / act.median()))
+    return spread
 
 
 def _reader(batches: list[Batch]) -> Any:
@@ -261,9 +313,19 @@ def export_quantized(
     out.mkdir(parents=True, exist_ok=True)
     size = int(calibration_size or DEFAULT_CALIBRATION_SIZE)
     passages, queries, source = load_calibration_texts(calibration, size)
+    smoothing: dict[str, Any] = {}
+
+    def smooth(torch_model: Any) -> None:  # INT8 only: FP8's exponent already spans the outliers
+        pipe0 = TextPipeline(model)
+        spread = smooth_mlp_down_inputs(torch_model, calibration_batches(
+            pipe0, passages, queries, max_length=min(CALIBRATION_MAX_LENGTH, pipe0.max_length)))
+        smoothing.update(method="SmoothQuant on the MLP down_proj inputs, folded into up_proj/down_proj (exact)",
+                         alpha=SMOOTH_ALPHA, outlier_ratio_before=[round(x, 1) for x in spread])
+
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         base = export_onnx(model, Path(tmp) / "fp32", precision="fp32", opset=opset, validate=False,
-                           max_length=max_length, warn_unvalidated=False)  # validated after quantisation
+                           max_length=max_length, warn_unvalidated=False,  # validated after quantisation
+                           transform=smooth if precision == "int8" else None)
         manifest = read_manifest(base)
         pipe = TextPipeline(base)
         batches = calibration_batches(pipe, passages, queries,
@@ -293,6 +355,7 @@ def export_quantized(
                             "batches": len(batches), "max_length": int(batches[-1].input_ids.shape[1])},
             "weights": "per-channel" if precision == "int8" else "per-tensor",
             "activations": "per-tensor static",
+            **({"smoothing": smoothing} if smoothing else {}),
             **summary,
         },
     )

@@ -135,3 +135,32 @@ def test_calibration_file_cli(tiny_checkpoint, tmp_path):
     q = read_manifest(tmp_path / "b")["quantization"]
     assert q["calibration"]["source"] == str(calib) and q["calibration"]["passages"] == 21
     assert np.isfinite(Embedder.load(tmp_path / "b").embed(SAMPLE_TEXTS)).all()
+
+
+def test_smoothing_is_exact_and_flattens_down_proj_inputs(tiny_model, tiny_checkpoint):
+    import torch
+
+    from nvembed_sdk.exporters.quantize import calibration_batches, smooth_mlp_down_inputs
+    from nvembed_sdk.text import TextPipeline
+
+    pipe = TextPipeline(tiny_checkpoint)
+    batches = calibration_batches(pipe, SAMPLE_TEXTS, SAMPLE_TEXTS[:2], max_length=64)
+    # give one input channel of layer 0 an outlier, as trained models have
+    with torch.no_grad():
+        tiny_model.decoder.layers[0].mlp.up_proj.weight[3] *= 50.0
+    ids, att, pool = (torch.from_numpy(v) for v in (batches[0].input_ids, batches[0].attention_mask,
+                                                     batches[0].pool_mask))
+    with torch.no_grad():
+        before = tiny_model(ids, att, pool)
+    spread = smooth_mlp_down_inputs(tiny_model, batches)
+    with torch.no_grad():
+        after = tiny_model(ids, att, pool)
+    assert torch.allclose(before, after, atol=1e-5)  # same function
+    assert spread[0] > 20  # the outlier was there
+    again = smooth_mlp_down_inputs(tiny_model, batches)  # measured on the smoothed weights
+    assert again[0] < spread[0] / 4
+
+
+def test_int8_manifest_records_smoothing(int8_bundle):
+    s = read_manifest(int8_bundle)["quantization"]["smoothing"]
+    assert s["alpha"] == 0.5 and len(s["outlier_ratio_before"]) == 2
