@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from nvembed_sdk._optional import require
+from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.manifest import read_manifest, write_manifest
@@ -313,12 +314,15 @@ def export_quantized(
     out.mkdir(parents=True, exist_ok=True)
     size = int(calibration_size or DEFAULT_CALIBRATION_SIZE)
     passages, queries, source = load_calibration_texts(calibration, size)
+    # One set of calibration batches, at the length the manifest will record, for both the
+    # smoothing statistics (torch, before tracing) and ModelOpt's calibration (ONNX Runtime).
+    pipe = TextPipeline(model)
+    text_length = max_length or NVEmbedConfig.from_file(model).max_length
+    batches = calibration_batches(pipe, passages, queries, max_length=min(CALIBRATION_MAX_LENGTH, text_length))
     smoothing: dict[str, Any] = {}
 
     def smooth(torch_model: Any) -> None:  # INT8 only: FP8's exponent already spans the outliers
-        pipe0 = TextPipeline(model)
-        spread = smooth_mlp_down_inputs(torch_model, calibration_batches(
-            pipe0, passages, queries, max_length=min(CALIBRATION_MAX_LENGTH, pipe0.max_length)))
+        spread = smooth_mlp_down_inputs(torch_model, batches)
         smoothing.update(method="SmoothQuant on the MLP down_proj inputs, folded into up_proj/down_proj (exact)",
                          alpha=SMOOTH_ALPHA, outlier_ratio_before=[round(x, 1) for x in spread])
 
@@ -327,9 +331,6 @@ def export_quantized(
                            max_length=max_length, warn_unvalidated=False,  # validated after quantisation
                            transform=smooth if precision == "int8" else None)
         manifest = read_manifest(base)
-        pipe = TextPipeline(base)
-        batches = calibration_batches(pipe, passages, queries,
-                                      max_length=min(CALIBRATION_MAX_LENGTH, manifest["text"]["max_length"]))
         q_path = Path(tmp) / "model.onnx"
         summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method)
         for stale in ("model.onnx", "model.onnx.data"):
