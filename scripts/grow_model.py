@@ -19,17 +19,14 @@ trained model keeps what it learned instead of starting over (Net2Net / block-ex
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nvembed_sdk.checkpoint import load_model, save_model
-from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.model import NVEmbedModel
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from nvembed_sdk.text import TextPipeline
 
 
 def grow_mlp(model: NVEmbedModel, intermediate_size: int, seed: int = 0) -> NVEmbedModel:
@@ -65,7 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src = Path(args.model)
-    model = load_model(src, config=NVEmbedConfig.from_file(src / "config.json")).eval()
+    model = load_model(src).eval()
     grown = grow_mlp(model, args.intermediate_size, args.seed).eval()
     probe = torch.randint(3, model.cfg.text.vocab_size, (2, 16))
     mask = torch.ones_like(probe)
@@ -74,9 +71,7 @@ def main() -> None:
     if diff > 1e-5:
         raise SystemExit(f"grown model differs from the original by {diff:.2e}")
     save_model(grown, args.output)
-    for f in TOKENIZER_FILES:
-        if (src / f).is_file():
-            shutil.copy(src / f, Path(args.output) / f)
+    TextPipeline(src).save(args.output)
     n = sum(p.numel() for p in grown.parameters())
     print(f"{args.output}: MLP {model.cfg.text.intermediate_size} -> {args.intermediate_size}, "
           f"{n:,} parameters, max |embedding difference| {diff:.1e}")
