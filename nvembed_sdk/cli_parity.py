@@ -62,7 +62,8 @@ def bench(artifacts: tuple[str, ...], texts_file: str | None, batch_size: int, m
     """Measure texts/s, tokens/s, p50/p95 batch latency and peak memory of each artifact.
 
     All artifacts are loaded in this process and run on the same texts; their timed passes are
-    interleaved round-robin and the median pass is reported, with ratios against the first
+    interleaved round-robin (each pass after one untimed batch of the same artifact, so the
+    figures are steady state) and the median pass is reported, with ratios against the first
     artifact. A benchmark, not a test.
     """
     from nvembed_sdk.bench import bench_texts, format_results, run_bench
