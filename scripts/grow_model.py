@@ -1,7 +1,7 @@
-"""Widen the decoder MLPs of an NV-Embed checkpoint without changing what it computes.
+"""Grow an NV-Embed checkpoint (wider decoder MLPs, more decoder layers) without changing what it computes.
 
 Usage:
-    python scripts/grow_model.py --model DIR --intermediate-size N --output OUT [--seed 0]
+    python scripts/grow_model.py --model DIR [--intermediate-size N] [--layers L] --output OUT [--seed 0]
 
 Each layer's SwiGLU MLP ``down(silu(gate(x)) * up(x))`` gets ``N - I`` new hidden units: new rows
 of ``gate_proj`` / ``up_proj`` (random, with the existing rows' standard deviation) and new
@@ -9,6 +9,12 @@ of ``gate_proj`` / ``up_proj`` (random, with the existing rows' standard deviati
 at the start (the new units' contribution is multiplied by zero). Training then uses the new
 units: the gradient of the zero columns is the new units' activations times the output gradient.
 Everything else (attention, norms, the latent-attention head, the tokenizer files) is copied.
+
+``--layers L`` inserts ``L - n`` decoder layers, spread evenly, each right after the layer it
+copies, with its ``o_proj`` and ``down_proj`` set to **zero**: both branches of a pre-norm block
+add to the residual stream, so the new block starts as the identity and the embeddings are again
+unchanged. Its other weights are the copied layer's (a trained starting point, as in block
+expansion / stacking), and the zero projections get gradient at once (their inputs are non-zero).
 
 Why: the small shipped model was trained with a narrow MLP (512); a wider one gives the decoder
 more capacity per token at the same attention cost, and because the decoder's projections are
@@ -54,16 +60,65 @@ def grow_mlp(model: NVEmbedModel, intermediate_size: int, seed: int = 0) -> NVEm
     return grown
 
 
+def layer_sources(n_old: int, n_new: int) -> list[int]:
+    """For each layer of the grown decoder, the old layer it copies (new ones follow their source).
+
+    4 -> 6 gives ``[0, 1, 1, 2, 3, 3]``: the copies of layers 1 and 3 sit right after them.
+    """
+    extra = n_new - n_old
+    if extra > n_old:
+        raise SystemExit(f"--layers {n_new}: at most twice the current {n_old} layers")
+    # duplicate the layers ending each of ``extra`` equal spans of the stack
+    dup = {((k + 1) * n_old) // extra - 1 for k in range(extra)} if extra else set()
+    out: list[int] = []
+    for i in range(n_old):
+        out += [i, i] if i in dup else [i]
+    return out
+
+
+def grow_layers(model: NVEmbedModel, num_layers: int) -> tuple[NVEmbedModel, list[int]]:
+    """A copy of ``model`` with ``num_layers`` decoder layers; inserted ones start as the identity."""
+    old = model.cfg.text.num_hidden_layers
+    if num_layers < old:
+        raise SystemExit(f"--layers {num_layers} is below the current {old}")
+    sources = layer_sources(old, num_layers)
+    cfg = replace(model.cfg, text=replace(model.cfg.text, num_hidden_layers=num_layers))
+    grown = NVEmbedModel(cfg)
+    src = dict(model.named_parameters())
+    seen: set[int] = set()
+    with torch.no_grad():
+        for new_i, old_i in enumerate(sources):
+            inserted = old_i in seen
+            seen.add(old_i)
+            for name, p in grown.decoder.layers[new_i].named_parameters():
+                p.copy_(src[f"decoder.layers.{old_i}.{name}"])
+                if inserted and name in ("attn.o_proj.weight", "mlp.down_proj.weight"):
+                    p.zero_()
+        for name, p in grown.named_parameters():
+            if not name.startswith("decoder.layers."):
+                p.copy_(src[name])
+    return grown, sources
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (released layout)")
-    ap.add_argument("--intermediate-size", type=int, required=True, help="new MLP width")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="new MLP width (default: unchanged)")
+    ap.add_argument("--layers", type=int, default=None, help="new number of decoder layers (default: unchanged)")
     ap.add_argument("--output", required=True, help="output checkpoint directory")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     src = Path(args.model)
     model = load_model(src).eval()
-    grown = grow_mlp(model, args.intermediate_size, args.seed).eval()
+    if args.intermediate_size is None and args.layers is None:
+        raise SystemExit("nothing to do: give --intermediate-size and/or --layers")
+    grown = model
+    if args.intermediate_size is not None:
+        grown = grow_mlp(grown, args.intermediate_size, args.seed)
+    sources = list(range(model.cfg.text.num_hidden_layers))
+    if args.layers is not None:
+        grown, sources = grow_layers(grown, args.layers)
+    grown = grown.eval()
     probe = torch.randint(3, model.cfg.text.vocab_size, (2, 16))
     mask = torch.ones_like(probe)
     with torch.no_grad():
@@ -73,7 +128,8 @@ def main() -> None:
     save_model(grown, args.output)
     TextPipeline(src).save(args.output)
     n = sum(p.numel() for p in grown.parameters())
-    print(f"{args.output}: MLP {model.cfg.text.intermediate_size} -> {args.intermediate_size}, "
+    print(f"{args.output}: MLP {model.cfg.text.intermediate_size} -> {grown.cfg.text.intermediate_size}, "
+          f"layers {model.cfg.text.num_hidden_layers} -> {grown.cfg.text.num_hidden_layers} (copies of {sources}), "
           f"{n:,} parameters, max |embedding difference| {diff:.1e}")
 
 

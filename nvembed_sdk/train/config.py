@@ -149,6 +149,12 @@ class TrainConfig:
         teacher_max_length: teacher truncation in its own tokens. Defaults to 128.
         embed_distill_weight: weight of ``1 - cos(student, projected teacher)`` over the batch's
             queries and documents. Defaults to 0 (off).
+        distill_texts: extra text files (JSONL, optionally gzipped, one ``{"text": ...}`` per line)
+            used only for embedding distillation: each step also embeds ``distill_batch_size``
+            of them (a seeded draw) and adds ``embed_distill_weight`` times their ``1 - cos``
+            term. They need no positives. Defaults to () (none).
+        distill_batch_size: texts drawn from ``distill_texts`` per step, over all ranks.
+            Defaults to 64.
         init_token_embeddings: for ``init`` scratch, start the input embeddings from the
             teacher's embeddings of the vocabulary pieces. Defaults to False.
         batch_size: examples per optimiser step, over all ranks. Defaults to 64.
@@ -197,6 +203,8 @@ class TrainConfig:
     teacher_cache: str | None = None
     teacher_max_length: int = 128
     embed_distill_weight: float = 0.0
+    distill_texts: tuple[str, ...] = ()
+    distill_batch_size: int = 64
     init_token_embeddings: bool = False
     batch_size: int = 64
     grad_accum_steps: int = 1
@@ -243,6 +251,12 @@ class TrainConfig:
              "a teacher ('minilm' or an encoder directory) for embed_distill_weight / init_token_embeddings"),
             (not self.init_token_embeddings or self.init == "scratch", "init_token_embeddings", True,
              "only with init 'scratch'"),
+            (not self.distill_texts or (self.teacher and self.embed_distill_weight > 0), "distill_texts",
+             list(self.distill_texts), "a teacher and embed_distill_weight > 0 (they only feed that term)"),
+            (not self.distill_texts or self.distill_batch_size >= 1, "distill_batch_size", self.distill_batch_size,
+             "must be >= 1"),
+            (not self.distill_texts or not self.gradcache_chunk, "distill_texts", list(self.distill_texts),
+             "not combined with gradcache_chunk"),
         ]
         for ok, name, got, expected in checks:
             if not ok:
@@ -294,6 +308,9 @@ class TrainConfig:
             d["eval"] = EvalSettings(**ev)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if "distill_texts" in d:
+            items = d["distill_texts"]
+            d["distill_texts"] = (items,) if isinstance(items, str) else tuple(items)
         try:
             return cls(**d)
         except TypeError as exc:

@@ -399,6 +399,24 @@ class TrainBatch:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def read_distill_texts(paths: Sequence[str | Path]) -> list[str]:
+    """Unique texts of distillation-only files (``{"text": ...}`` per line), in file order.
+
+    Raises:
+        InputError: a held-out path, or a record without a non-empty string ``text``.
+    """
+    out: dict[str, None] = {}
+    for path in paths:
+        p = check_training_path(path)
+        for i, rec in enumerate(read_jsonl(p)):
+            t = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(fmt(f"distillation text {p} line {i + 1}", repr(rec)[:80],
+                                     'a JSON object with a non-empty string "text"'))
+            out.setdefault(t, None)
+    return list(out)
+
+
 def encode_side(text: TextPipeline, texts: Sequence[str], prefixes: Sequence[str], max_length: int) -> Encoded:
     """Tokenise rows with per-row instruction prefixes and collate them (pool starts per row)."""
     ids: list[list[int]] = [[] for _ in texts]

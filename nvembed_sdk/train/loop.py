@@ -35,7 +35,7 @@ from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.model import NVEmbedModel
 from nvembed_sdk.text import TextPipeline
 from nvembed_sdk.train.config import TrainConfig
-from nvembed_sdk.train.data import TrainBatch, TrainData, collate
+from nvembed_sdk.train.data import TrainBatch, TrainData, collate, encode_side, read_distill_texts
 from nvembed_sdk.train.distill import (
     TeacherCache,
     embedding_distill_loss,
@@ -325,14 +325,14 @@ def setup_dist() -> Dist:
 
 
 def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, model: NVEmbedModel, fresh: bool,
-                        log: Any, dist_: Dist) -> tuple[TeacherCache, np.ndarray]:
-    """Fill the teacher cache (vocabulary pieces, and the queries and positives of the pair
-    sources: the texts every epoch sees; negatives and section texts get targets when already
-    cached), fix the projection, and on a fresh scratch start write the teacher's piece
-    embeddings into the input embeddings."""
+                        log: Any, dist_: Dist, extra_texts: list[str]) -> tuple[TeacherCache, np.ndarray]:
+    """Fill the teacher cache (vocabulary pieces, the queries and positives of the pair
+    sources: the texts every epoch sees, and the distillation-only texts; negatives and section
+    texts get targets when already cached), fix the projection, and on a fresh scratch start
+    write the teacher's piece embeddings into the input embeddings."""
     cache = TeacherCache(cfg.teacher_cache_dir)
     pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.init_token_embeddings else []
-    texts = [p for p in pieces if p] + data.pair_texts()
+    texts = [p for p in pieces if p] + data.pair_texts() + extra_texts
     if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
         missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
         if missing:
@@ -438,8 +438,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
 
     # -- embedding distillation: teacher targets for every training text, cached on disk
     distill = None
+    extra_texts = read_distill_texts(cfg.distill_texts)
     if cfg.teacher and (cfg.embed_distill_weight > 0 or cfg.init_token_embeddings):
-        distill = _setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log, dist_=dist_)
+        distill = _setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log, dist_=dist_,
+                                      extra_texts=extra_texts)
+    if extra_texts and dist_.main:
+        log(f"distillation-only texts: {len(extra_texts):,}, {cfg.distill_batch_size} per step")
 
     def embed(enc) -> torch.Tensor:
         with autocast:
@@ -526,6 +530,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
                 loss = fn(embed(queries), embed(docs))
                 (loss / cfg.grad_accum_steps).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum_steps
+        if extra_texts and distill is not None:
+            # Distillation-only texts: this rank's share of a draw keyed by position (resumable).
+            n_local = max(1, cfg.distill_batch_size // dist_.world)
+            pick = np.random.default_rng([cfg.seed, epoch, batch_in_epoch, 7, dist_.rank]).choice(
+                len(extra_texts), size=min(n_local, len(extra_texts)), replace=False)
+            chosen = [extra_texts[i] for i in pick]
+            enc = encode_side(text, chosen, [""] * len(chosen), cfg.doc_max_length).to(device)
+            cache, proj = distill
+            tx, fx = cache.targets(chosen, proj)  # (n, D), (n,)
+            extra_loss = cfg.embed_distill_weight * embedding_distill_loss(embed(enc), tx, fx)
+            extra_loss.backward()
+            step_loss += float(extra_loss.detach())
         dist_.sum_grads(params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
         opt.step()

@@ -58,3 +58,50 @@ def test_shrinking_is_refused(tiny_model):
     grow = _grow_module()
     with pytest.raises(SystemExit, match="below the current"):
         grow.grow_mlp(tiny_model, tiny_model.cfg.text.intermediate_size - 1)
+
+
+def test_inserted_layers_start_as_identity(tiny_checkpoint, tmp_path):
+    out = tmp_path / "deeper"
+    n = load_model(tiny_checkpoint).cfg.text.num_hidden_layers
+    subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_checkpoint), "--layers", str(n + 1),
+                    "--output", str(out)], check=True, capture_output=True)
+    grown = load_model(out)
+    assert grown.cfg.text.num_hidden_layers == n + 1
+    sources = _grow_module().layer_sources(n, n + 1)
+    new = [i for i in range(1, n + 1) if sources[i] == sources[i - 1]]
+    assert len(new) == 1
+    layer = grown.decoder.layers[new[0]]
+    assert torch.count_nonzero(layer.attn.o_proj.weight) == 0 and torch.count_nonzero(layer.mlp.down_proj.weight) == 0
+    assert layer.attn.q_proj.weight.abs().sum() > 0  # copied, not blank
+    a = Embedder.load(tiny_checkpoint, device="cpu").embed(SAMPLE_TEXTS)
+    b = Embedder.load(out, device="cpu").embed(SAMPLE_TEXTS)
+    assert_close_cos(a, b, 0.999999)
+
+
+def test_layer_sources_spread_the_copies():
+    grow = _grow_module()
+    assert grow.layer_sources(4, 6) == [0, 1, 1, 2, 3, 3]
+    assert grow.layer_sources(4, 5) == [0, 1, 2, 3, 3]
+    assert grow.layer_sources(3, 3) == [0, 1, 2]
+    with pytest.raises(SystemExit, match="at most twice"):
+        grow.layer_sources(2, 5)
+
+
+def test_inserted_layers_receive_gradient(tiny_model):
+    grow = _grow_module()
+    n = tiny_model.cfg.text.num_hidden_layers
+    grown, sources = grow.grow_layers(tiny_model, n + 1)
+    grown.train()
+    ids = torch.randint(3, grown.cfg.text.vocab_size, (4, 12))
+    mask = torch.ones_like(ids)
+    emb = grown(ids, mask, mask)
+    (emb[0] @ emb[1:].T).sum().backward()
+    new = next(i for i in range(1, n + 1) if sources[i] == sources[i - 1])
+    assert grown.decoder.layers[new].attn.o_proj.weight.grad.abs().sum() > 0
+    assert grown.decoder.layers[new].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_fewer_layers_is_refused(tiny_model):
+    grow = _grow_module()
+    with pytest.raises(SystemExit, match="below the current"):
+        grow.grow_layers(tiny_model, tiny_model.cfg.text.num_hidden_layers - 1)

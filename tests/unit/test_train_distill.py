@@ -148,3 +148,51 @@ def test_eval_scores_an_encoder_directory_like_its_embeddings(tmp_path, bert_tea
     beir = load_beir(d)
     want = retrieval_metrics(enc(beir.queries) @ enc(beir.docs).T, beir)
     assert got == want and got["queries"] == 2
+
+
+def test_distillation_only_texts_are_cached_and_learned(tmp_path, tiny_tokenizer_dir, bert_teacher):
+    """Texts with no pairs, in ``distill_texts``, get teacher targets and pull the student towards them."""
+    import gzip
+    import json
+
+    from nvembed_sdk.train.loop import train
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    extra = [f"extra sentence number {i} about {w} and {v}" for i, (w, v) in
+             enumerate(zip(["tea", "rust", "maps", "jazz", "ice", "owls", "kelp", "gold"] * 8,
+                           ["clocks", "bread", "mud", "sails", "glass", "wool", "salt", "dust"] * 8, strict=True))]
+    extra_file = tmp_path / "extra.jsonl.gz"
+    with gzip.open(extra_file, "wt") as fh:
+        fh.writelines(json.dumps({"text": t}) + "\n" for t in extra)
+    common = {"init_token_embeddings": False, "embed_distill_weight": 5.0, "max_steps": 30}
+    logs: list[str] = []
+    with_extra = train(_cfg(tmp_path / "x", data, tiny_tokenizer_dir, bert_teacher, distill_texts=[str(extra_file)],
+                            distill_batch_size=16, **common), log=logs.append)
+    assert any("distillation-only texts: 64" in line for line in logs)
+    cache = TeacherCache(tmp_path / "x" / "teacher-cache")
+    assert all(t in cache for t in extra)
+    # same seed and data without the extra texts: the student is further from the teacher on them
+    without = train(_cfg(tmp_path / "y", data, tiny_tokenizer_dir, bert_teacher, teacher_cache=str(tmp_path / "x" /
+                         "teacher-cache"), **common), log=lambda s: None)
+    assert _agreement(Path(with_extra["final_dir"]), cache, extra) > _agreement(Path(without["final_dir"]), cache,
+                                                                                 extra) + 0.05
+
+
+def test_distillation_only_texts_need_a_teacher_and_text_records(tmp_path):
+    from nvembed_sdk.train.data import read_distill_texts
+
+    with pytest.raises(InputError, match="distill_texts"):
+        TrainConfig.from_dict({"output_dir": str(tmp_path), "init": "nvembed", "init_path": "x", "data": ["a.jsonl"],
+                               "distill_texts": "t.jsonl"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"query": "no text field"}\n')
+    with pytest.raises(InputError, match="line 2"):
+        read_distill_texts([bad])
+    held_out = tmp_path / "dev" / "t.jsonl"
+    held_out.parent.mkdir()
+    held_out.write_text('{"text": "a dev text"}\n')
+    with pytest.raises(InputError, match="held out"):
+        read_distill_texts([held_out])
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "b"}\n{"text": "a"}\n{"text": "b"}\n')
+    assert read_distill_texts([good]) == ["b", "a"]
