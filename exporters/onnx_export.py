@@ -269,7 +269,7 @@ def _model_facts(cfg: NVEmbedConfig) -> dict[str, Any]:
             "num_hidden_layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "vocab_size": t.vocab_size,
             "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
             "num_latents": la.num_latents_value, "num_cross_heads": la.num_cross_heads,
-            "cross_dim_head": la.cross_dim_head}
+            "cross_dim_head": la.cross_dim_head, "max_position_embeddings": t.max_position_embeddings}
 
 
 def _text_facts(pipe: TextPipeline, max_length: int, cfg: NVEmbedConfig) -> dict[str, Any]:

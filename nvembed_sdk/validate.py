@@ -75,7 +75,7 @@ def matches(value: Any, tp: Any) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]), localns=_NS)
 
