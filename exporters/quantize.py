@@ -36,7 +36,7 @@ from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
-from nvembed_sdk.textsets import default_texts, read_texts
+from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
 
 log = logging.getLogger("nvembed_sdk.quantize")
 
@@ -161,7 +161,7 @@ def load_calibration_texts(calibration: str | Path | None, size: int) -> tuple[l
         queries = default_texts("calibration", kind="query")
         source = "nvembed_sdk/data/python-docs-sample.jsonl.gz (calibration split)"
     else:
-        texts = read_texts(calibration)
+        texts = check_calibration_texts(read_texts(calibration), calibration)
         passages = texts
         queries = [t for t in texts if len(t.split()) <= 32]
         source = str(calibration)

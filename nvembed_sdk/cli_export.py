@@ -61,7 +61,9 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
     from pathlib import Path
 
     from nvembed_sdk.errors import InputError
+    from nvembed_sdk.validate import check_opset
 
+    check_opset(opset)  # before any slow work (--opset 99)
     if to == "onnx":
         if precision == "bf16":
             raise InputError("precision bf16 | got --to onnx. Note: ONNX bundles are fp32, fp16, int8 or fp8; "
