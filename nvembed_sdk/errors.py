@@ -79,3 +79,7 @@ def user_message(exc: BaseException) -> str | None:
         return fmt("text encoding", f"{type(exc).__name__}: {str(exc)[:200]}",
                    "UTF-8 text in files and arguments (no lone surrogates)")
     return None
+
+
+class TrainingDiverged(NVEmbedError):
+    """Training produced a non-finite loss, gradient or weight; the run stopped before saving it."""

@@ -21,6 +21,8 @@ def _echo(line: str) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT_DIR/checkpoints "
               "(weights, optimiser, scheduler, data position, RNG).")
+@click.option("--overwrite", is_flag=True, help="Replace another run's checkpoints and final/ in OUTPUT_DIR "
+              "(without it, or --resume, such a directory is refused).")
 @click.option("--output-dir", default=None, help="Override the config's output_dir.")
 @click.option("--max-steps", type=int, default=None, help="Override the config's max_steps.")
 @click.option("--max-minutes", type=float, default=None, help="Stop with a checkpoint after this wall time.")
@@ -28,7 +30,7 @@ def _echo(line: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
               help='Override a top-level key, the value parsed as JSON, e.g. --set lr=1e-4 --set in_batch_negatives=false.')
 @fail_cleanly
-def train(config: str, resume: bool, output_dir: str | None, max_steps: int | None, max_minutes: float | None,
+def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, max_steps: int | None, max_minutes: float | None,
           num_threads: int | None, sets: tuple[str, ...]) -> None:
     """Train one stage of NV-Embed contrastive instruction tuning from a CONFIG file (JSON, YAML or TOML).
 
@@ -51,6 +53,10 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
     Example (two stages, the second from the first's final model):
       nvembed train stage1.json
       nvembed train stage2.json        # with "init": "nvembed", "init_path": ".../stage1/final"
+      nvembed train stage1.json --resume                 # continue after an interruption
+      nvembed train stage1.json --set lr=1e-4 --overwrite  # start that run again from scratch
+
+    A non-finite loss stops the run (exit 1) naming the step; the last good checkpoint is kept.
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.train.config import TrainConfig
@@ -70,7 +76,7 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
         if value is not None:
             overrides[key] = value
     cfg = TrainConfig.from_file(config, overrides)
-    run(cfg, resume=resume, log=_echo)
+    run(cfg, resume=resume, log=_echo, overwrite=overwrite)
 
 
 @click.command("mine")
