@@ -105,7 +105,7 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     is not the positive, not of the query's group (same Debian source / synset), not a positive
     of the same query text, and scores below MARGIN x the positive's score. The first
     NUM_NEGATIVES kept, hardest first, are written with their groups and the teacher scores.
-    dev/ and calibration/ files are refused.
+    The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
     """
     import random
 
@@ -187,7 +187,7 @@ def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_fre
     """Train a Mistral-style byte-fallback BPE (<unk> <s> </s>, metaspace) on the texts of DATA files.
 
     DATA are training .jsonl(.gz) files; their query, positive, text and negative fields are
-    read. dev/ and calibration/ files are refused.
+    read. The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.tokenizer_train import train_tokenizer
