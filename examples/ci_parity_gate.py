@@ -4,7 +4,7 @@
         [--texts my_queries.txt] [--report parity.json]
 
 Exit code 0 when every per-row cosine and the top-10 agreement are inside the budget of the
-candidate's precision (DESIGN.md: fp32 0.99999, fp16/bf16 0.999, int8/fp8 0.99), 1 otherwise.
+candidate's precision (README "Precision and parity budget": fp32 0.99999, fp16/bf16 0.999, int8/fp8 0.99), 1 otherwise.
 The same check is ``nvembed parity REFERENCE CANDIDATE``; this script shows the Python helper
 (:func:`nvembed_sdk.parity.assert_parity`) for pipelines that want the report object.
 

@@ -200,7 +200,7 @@ def export_onnx(
         precision: ``fp32`` or ``fp16``. Defaults to fp32.
         opset: ONNX opset. Defaults to 20 (≤ 20 builds on Jetson Orin's TensorRT 10.3).
         validate: compare with PyTorch fp32 on real text at untraced shapes and fail outside the
-            DESIGN.md budget. Defaults to True.
+            README budget. Defaults to True.
         max_length: text max length recorded in the manifest. Defaults to the checkpoint's.
         texts: validation texts. Defaults to the SDK's held-out real text.
         warn_unvalidated: log a warning when ``validate`` is False. Defaults to True (False

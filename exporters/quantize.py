@@ -13,7 +13,7 @@ flags: precision comes from the graph. So the product here is a quantised ONNX b
   head (LayerNorms, latent attention, pooling, normalisation) stay fp32: the head's local
   function lets ONNX Runtime inline it during calibration on a CPU, and the node gets no Q/DQ;
 * the accuracy report against fp32 PyTorch on held-out text goes into ``nvembed.json``; outside
-  the DESIGN.md budget the export fails unless ``force``.
+  the README budget the export fails unless ``force``.
 
 Memory: ModelOpt loads the model several times and runs an augmented graph; a 7B model needs
 the GPU host (128 GiB RAM), not a 24 GiB CPU box.

@@ -56,7 +56,7 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
     bf16 engines are built from the fp32 ONNX with TensorRT 10.x's BF16 flag.
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
-    outside the DESIGN.md budget (report stored in nvembed.json).
+    outside the README budget (report stored in nvembed.json).
     """
     from pathlib import Path
 

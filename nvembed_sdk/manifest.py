@@ -1,4 +1,4 @@
-"""``nvembed.json``: the manifest of an exported bundle (DESIGN.md "Bundle")."""
+"""``nvembed.json``: the manifest of an exported bundle (README "Export and deployment")."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class Tolerance:
                                      "a number in (0, 1]" if lo_open else "a number in [0, 1]"))
 
 
-# DESIGN.md "Precision and parity budget". Retrieval for int8/fp8 is stated there as nDCG@10
+# README "Precision and parity budget". Retrieval for int8/fp8 is stated there as nDCG@10
 # within 1 point; without labels we gate on top-10 agreement >= 0.9 (issue 5's figure).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(0.99999, 1.0),

@@ -174,7 +174,7 @@ def apply_lora(model: NVEmbedModel, cfg: TrainConfig) -> nn.Module:
     except ImportError as exc:
         from nvembed_sdk.errors import BackendUnavailableError
 
-        raise BackendUnavailableError(fmt("LoRA", "peft is not installed", "pip install nvembed-sdk[train]")) from exc
+        raise BackendUnavailableError(fmt("LoRA", "peft is not installed", "pip install -e '.[train]' from the nvembed-sdk checkout")) from exc
     names = "|".join(cfg.lora.target_modules)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=rf"decoder\.layers\.\d+\.(attn|mlp)\.({names})")

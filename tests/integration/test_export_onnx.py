@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE_TEXTS, assert_close_cos
 
-onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
-pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
+onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
 
 from nvembed_sdk import ArtifactError, Embedder, InputError, ToleranceExceeded  # noqa: E402
 from nvembed_sdk.cli import main  # noqa: E402
