@@ -173,6 +173,11 @@ def info(path: str, as_json: bool) -> None:
     """Describe a checkpoint or bundle: architecture, parameters, dtype, tokenizer, max length.
 
     Works on a directory holding only config.json (no weights needed).
+
+    \b
+    Examples:
+      nvembed info models/nvembed-debian-small
+      nvembed info out/onnx --json
     """
     facts = describe(path)
     if as_json:

