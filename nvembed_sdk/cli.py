@@ -39,7 +39,10 @@ DEBUG_ENV = "NVEMBED_DEBUG"
 
 
 def debug_enabled() -> bool:
-    """``--debug`` (or NVEMBED_DEBUG=1): show tracebacks instead of one-line errors."""
+    """``nvembed --debug`` (this invocation) or NVEMBED_DEBUG=1: show tracebacks instead of one-line errors."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
     return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
 
 
@@ -103,8 +106,6 @@ def main(debug: bool) -> None:
       nvembed parity models/<name> out/onnx
       nvembed embed out/onnx --text "hello"
     """
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
 
 
 def _human(n: int) -> str:

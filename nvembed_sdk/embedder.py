@@ -233,7 +233,7 @@ class Embedder:
             idx = order[lo : lo + batch_size]
             batch = self.text.collate([ids[i] for i in idx], start)
             out[idx] = self._backend.run(batch)
-            check_finite(out[idx], idx, self._backend.describe())
+        check_finite(out, np.arange(len(items)), self._backend.describe())  # every batch, all bad texts named
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)
