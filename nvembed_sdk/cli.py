@@ -19,7 +19,7 @@ from typing import Any
 import click
 import numpy as np
 
-from nvembed_sdk.errors import NVEmbedError, user_message
+from nvembed_sdk.errors import NVEmbedError, fmt, user_message
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -70,7 +70,34 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """A click usage error (bad option value, missing argument) in the house one-line form."""
+    where = exc.ctx.command_path if exc.ctx is not None else "nvembed"
+    return fmt(where, exc.format_message().rstrip("."), f"see `{where} --help` for the options and an example")
+
+
+def standalone(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a click ``main`` with usage errors printed as one ``error:`` line and exit code 1."""
+    try:
+        return main_fn(*args, standalone_mode=False, **kwargs)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # `nvembed` alone: the help
+            click.echo(exc.ctx.get_help())
+            sys.exit(2)
+        click.echo(f"error: {usage_line(exc)}", err=True)
+        sys.exit(1)
+    except click.Abort:
+        click.echo("error: interrupted | got Ctrl-C. Note: nothing was finished; run the command again", err=True)
+        sys.exit(1)
+
+
 class LazyGroup(click.Group):
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        code = standalone(super().main, *args, **kwargs)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -259,7 +286,8 @@ def export_main() -> None:
         os.environ[DEBUG_ENV] = "1"
     cmd = LazyGroup.get_command(main, click.Context(main), "export")  # type: ignore[arg-type]
     assert cmd is not None
-    cmd(prog_name="nvembed-export")
+    code = standalone(cmd.main, prog_name="nvembed-export")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
