@@ -15,7 +15,7 @@ import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.manifest import MANIFEST, read_manifest
-from nvembed_sdk.text import TextPipeline, check_texts
+from nvembed_sdk.text import TextPipeline, check_texts, check_utf8
 
 log = logging.getLogger("nvembed_sdk")
 
@@ -207,6 +207,7 @@ class Embedder:
         items = check_texts(texts)
         if not isinstance(instruction, str):
             raise InputError(fmt("instruction", type(instruction).__name__, "a str"))
+        check_utf8(instruction, "instruction")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(fmt("batch_size", batch_size, "an int >= 1"))
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
