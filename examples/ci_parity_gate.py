@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--reference", required=True, help="reference artifact (the fp32 checkpoint)")
     ap.add_argument("--candidate", required=True, help="artifact under test (bundle, model.onnx, engine.plan)")
     ap.add_argument("--texts", default=None, help="texts to compare on (default: the SDK's held-out real text)")
-    ap.add_argument("--min-cosine", type=float, default=None, help="override the per-row cosine budget")
+    ap.add_argument("--min-cosine", type=float, default=None, help="override the per-row cosine budget, in (0, 1]")
     ap.add_argument("--report", default=None, help="write the JSON report here")
     args = ap.parse_args()
     texts = read_texts(args.texts) if args.texts else None
