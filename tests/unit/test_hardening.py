@@ -280,7 +280,7 @@ def test_small_binary_or_list_calibration_files_are_refused(tmp_path):
 
     two = tmp_path / "two.txt"
     two.write_text("one text\nanother text\n")
-    with pytest.raises(InputError, match="2 texts.*at least 32"):
+    with pytest.raises(InputError, match="2 texts.*at least 16"):
         check_calibration_texts(read_texts(two), two)
     lists = tmp_path / "lists.jsonl"
     lists.write_text('["a", "b"]\n')
