@@ -734,9 +734,9 @@ def test_rejected_timing_cache_builds_with_a_fresh_one(fake_gpu, onnx_bundle, tm
     cache.write_bytes(blob)
     with caplog.at_level("WARNING", logger="nvembed_sdk"):
         out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=cache)
+    assert cache.read_bytes() == blob  # the user's file is left as it was
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and how in warnings[0] and "fresh cache" in warnings[0], warnings
-    assert cache.read_bytes() == blob  # the user's file is left as it was
     fresh = default_timing_cache({"version": fake_gpu.version, "gpu_name": FAKE_GPU, "compute_capability": "9.0"})
     assert fresh.read_bytes() == f"TC:{FAKE_GPU}:1".encode() and str(tmp_path / "xdg") in str(fresh)
     m = json.loads((out / "nvembed.json").read_text())  # a complete bundle, not a plan without manifest
