@@ -389,6 +389,8 @@ def parser_errors(parser: Any, shown: int = 3) -> str:
     to 11.x (NVIDIA/TensorRT ``python/src/parsers/pyOnnx.cpp``).
     """
     n = int(parser.num_errors)
+    if n <= 0:
+        return "the parser recorded no error (see the TensorRT log above, or --verbose)"
     parts = []
     for i in range(min(n, shown)):
         err = parser.get_error(i)

@@ -43,8 +43,10 @@ class OrtBackend(Backend):
     """Runs ``model.onnx`` from a bundle with ONNX Runtime.
 
     Options:
-        providers: explicit provider list (e.g. ``["CPUExecutionProvider"]``). Defaults to CUDA
-            when ``device`` is not ``cpu`` and CUDA is available, else CPU.
+        providers: explicit provider list (e.g. ``["CPUExecutionProvider"]``); every CUDA or
+            TensorRT provider named must start, else :class:`BackendUnavailableError`. Defaults
+            to CUDA when ``device`` is not ``cpu`` and CUDA is available, else CPU (``device="cuda"``
+            requires CUDA to start; ``device=None`` falls back to the CPU, saying so once).
         intra_op_num_threads: threads per operator. Defaults to ONNX Runtime's choice.
         inter_op_num_threads: threads across operators. Defaults to ONNX Runtime's choice.
         graph_optimization_level: ``disable|basic|extended|all``. Defaults to ``all``
