@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger("nvembed_sdk.ort")
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _fallback_said = False  # the auto-device CPU fallback line, once per process
+_capture_lock = threading.Lock()  # fd 2 is process-wide: one capture at a time, or a nested restore loses stderr
 
 
 class OrtBackend(Backend):
@@ -240,9 +242,10 @@ def _ort_log(capture: bool) -> Iterator[_Logged]:
     if not capture:
         yield logged
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink, contextlib.redirect_stdout(io.StringIO()) as printed:
+    with _capture_lock, tempfile.TemporaryFile(mode="w+b") as sink, \
+            contextlib.redirect_stdout(io.StringIO()) as printed:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         try:
             yield logged
