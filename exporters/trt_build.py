@@ -412,36 +412,46 @@ def parser_errors(parser: Any, shown: int = 3) -> str:
 
 
 def _attach_timing_cache(config: Any, path: Path, facts: dict[str, Any]) -> tuple[Any, Path | None, Path | None]:
-    """Attach the timing cache at ``path`` (or a fresh one) to ``config``.
+    """Attach the timing cache at ``path`` (or this machine's, or a fresh one) to ``config``.
 
-    ``create_timing_cache`` returns None (or raises) for bytes it cannot read, and
+    ``create_timing_cache`` returns None for bytes TensorRT cannot read, and
     ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache from another
     device ("A failure will be reported if the CUDA device property in the provided cache is
     different", ``IBuilderConfig::setTimingCache`` in NvInfer.h 10.3-11.1). Either way the build
-    goes on with a fresh cache, after one warning line. A rejected file is never overwritten:
-    the fresh cache is saved to this machine's default path instead (:func:`default_timing_cache`),
-    unless the rejected file is that path (keyed to this TensorRT and GPU, so stale anyway).
+    goes on, after one warning line, with this machine's default cache
+    (:func:`default_timing_cache`) or a fresh one, which is saved there. A rejected file is
+    never overwritten, unless it is that default path (keyed to this TensorRT and GPU).
 
     Returns:
         (the attached cache or None, where to save it after the build or None, the rejected path or None).
     """
-    blob = path.read_bytes() if path.is_file() else b""
-    try:
-        cache = config.create_timing_cache(blob)
-    except Exception:  # noqa: BLE001 - the bindings raise for some unreadable blobs, return None for others
-        cache = None
-    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+    cache = _try_timing_cache(config, path.read_bytes() if path.is_file() else b"")
+    if cache is not None:
         return cache, path, None
     default = default_timing_cache(facts)
-    save = path if path == default else default
+    how = "rejected or unreadable" if path.is_file() else "unusable"
+    fallback = _try_timing_cache(config, default.read_bytes()) if default != path and default.is_file() else None
+    fresh = fallback is None
+    if fresh:
+        fallback = _try_timing_cache(config, b"")
+    kept = "" if default == path else f", saved to {default}; {path} is left unchanged"
     log.warning("timing cache %s was %s by TensorRT %s on %s (made on another GPU or TensorRT build?); building "
-                "with a fresh cache%s", path, "rejected" if cache is not None else "unreadable", facts["version"],
-                facts["gpu_name"], "" if save == path else f", saved to {save}; {path} is left unchanged")
-    cache = config.create_timing_cache(b"")
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+                "with %s%s", path, how, facts["version"], facts["gpu_name"],
+                "a fresh cache" if fresh else "this machine's cache", kept)
+    if fallback is None:
         log.warning("TensorRT refused a fresh timing cache as well; building without one")
         return None, None, path
-    return cache, save, path
+    return fallback, default, path
+
+
+def _try_timing_cache(config: Any, blob: bytes) -> Any:
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # noqa: BLE001 - undocumented either way: treat a raise like the documented None
+        return None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        return None
+    return cache
 
 
 def _serialized(cache: Any) -> bytes:

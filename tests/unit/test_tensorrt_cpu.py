@@ -726,8 +726,8 @@ def test_build_flow_with_fake_tensorrt(fake_gpu, onnx_bundle, tmp_path):
     assert cache.read_bytes() == f"TC:{FAKE_GPU}:2".encode()  # ...and grows
 
 
-@pytest.mark.parametrize("blob,how", [(b"TC:NVIDIA Other GPU:7", "rejected"), (b"\x00garbage", "unreadable")])
-def test_rejected_timing_cache_builds_with_a_fresh_one(fake_gpu, onnx_bundle, tmp_path, caplog, blob, how):
+@pytest.mark.parametrize("blob", [b"TC:NVIDIA Other GPU:7", b"\x00garbage"])  # another GPU's / unreadable
+def test_rejected_timing_cache_builds_with_a_fresh_one(fake_gpu, onnx_bundle, tmp_path, caplog, blob):
     from nvembed_sdk.exporters.trt_build import default_timing_cache
 
     cache = tmp_path / "from-another-gpu.cache"
@@ -736,12 +736,19 @@ def test_rejected_timing_cache_builds_with_a_fresh_one(fake_gpu, onnx_bundle, tm
         out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=cache)
     assert cache.read_bytes() == blob  # the user's file is left as it was
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and how in warnings[0] and "fresh cache" in warnings[0], warnings
+    assert len(warnings) == 1 and "rejected or unreadable" in warnings[0] and "fresh cache" in warnings[0], warnings
     fresh = default_timing_cache({"version": fake_gpu.version, "gpu_name": FAKE_GPU, "compute_capability": "9.0"})
     assert fresh.read_bytes() == f"TC:{FAKE_GPU}:1".encode() and str(tmp_path / "xdg") in str(fresh)
     m = json.loads((out / "nvembed.json").read_text())  # a complete bundle, not a plan without manifest
     assert m["tensorrt"]["timing_cache"] == str(fresh) and m["tensorrt"]["timing_cache_rejected"] == str(cache)
     assert (out / "engine.plan").stat().st_size == m["tensorrt"]["plan_bytes"]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nvembed_sdk"):
+        _build(fake_gpu, onnx_bundle, tmp_path / "again", timing_cache=cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "this machine's cache" in warnings[0], warnings
+    assert fresh.read_bytes() == f"TC:{FAKE_GPU}:2".encode() and cache.read_bytes() == blob  # grown, not reset
 
 
 def test_parser_errors_are_all_reported(fake_gpu, onnx_bundle, tmp_path):
