@@ -4,7 +4,7 @@
         [--texts my_queries.txt] [--report parity.json]
 
 Exit code 0 when every per-row cosine and the top-10 agreement are inside the budget of the
-candidate's precision (DESIGN.md: fp32 0.99999, fp16/bf16 0.999, int8/fp8 0.99), 1 otherwise.
+candidate's precision (README "Precision and parity budget": fp32 0.99999, fp16/bf16 0.999, int8/fp8 0.99), 1 otherwise.
 The same check is ``nvembed parity REFERENCE CANDIDATE``; this script shows the Python helper
 (:func:`nvembed_sdk.parity.assert_parity`) for pipelines that want the report object.
 
@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--reference", required=True, help="reference artifact (the fp32 checkpoint)")
     ap.add_argument("--candidate", required=True, help="artifact under test (bundle, model.onnx, engine.plan)")
     ap.add_argument("--texts", default=None, help="texts to compare on (default: the SDK's held-out real text)")
-    ap.add_argument("--min-cosine", type=float, default=None, help="override the per-row cosine budget")
+    ap.add_argument("--min-cosine", type=float, default=None, help="override the per-row cosine budget, in (0, 1]")
     ap.add_argument("--report", default=None, help="write the JSON report here")
     args = ap.parse_args()
     texts = read_texts(args.texts) if args.texts else None

@@ -200,7 +200,7 @@ def export_onnx(
         precision: ``fp32`` or ``fp16``. Defaults to fp32.
         opset: ONNX opset. Defaults to 20 (≤ 20 builds on Jetson Orin's TensorRT 10.3).
         validate: compare with PyTorch fp32 on real text at untraced shapes and fail outside the
-            DESIGN.md budget. Defaults to True.
+            README budget. Defaults to True.
         max_length: text max length recorded in the manifest. Defaults to the checkpoint's.
         texts: validation texts. Defaults to the SDK's held-out real text.
         warn_unvalidated: log a warning when ``validate`` is False. Defaults to True (False
@@ -269,7 +269,7 @@ def _model_facts(cfg: NVEmbedConfig) -> dict[str, Any]:
             "num_hidden_layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "vocab_size": t.vocab_size,
             "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
             "num_latents": la.num_latents_value, "num_cross_heads": la.num_cross_heads,
-            "cross_dim_head": la.cross_dim_head}
+            "cross_dim_head": la.cross_dim_head, "max_position_embeddings": t.max_position_embeddings}
 
 
 def _text_facts(pipe: TextPipeline, max_length: int, cfg: NVEmbedConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ flags: precision comes from the graph. So the product here is a quantised ONNX b
   head (LayerNorms, latent attention, pooling, normalisation) stay fp32: the head's local
   function lets ONNX Runtime inline it during calibration on a CPU, and the node gets no Q/DQ;
 * the accuracy report against fp32 PyTorch on held-out text goes into ``nvembed.json``; outside
-  the DESIGN.md budget the export fails unless ``force``.
+  the README budget the export fails unless ``force``.
 
 Memory: ModelOpt loads the model several times and runs an augmented graph; a 7B model needs
 the GPU host (128 GiB RAM), not a 24 GiB CPU box.
@@ -36,7 +36,7 @@ from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
-from nvembed_sdk.textsets import default_texts, read_texts
+from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
 
 log = logging.getLogger("nvembed_sdk.quantize")
 
@@ -161,7 +161,7 @@ def load_calibration_texts(calibration: str | Path | None, size: int) -> tuple[l
         queries = default_texts("calibration", kind="query")
         source = "nvembed_sdk/data/python-docs-sample.jsonl.gz (calibration split)"
     else:
-        texts = read_texts(calibration)
+        texts = check_calibration_texts(read_texts(calibration), calibration)
         passages = texts
         queries = [t for t in texts if len(t.split()) <= 32]
         source = str(calibration)

@@ -2,7 +2,7 @@
 
 Batch 1, odd batches, odd lengths and a text truncated at ``max_length`` are run through both
 the reference and the bundle; per-row cosine and top-k agreement are compared against the
-DESIGN.md budget of the bundle's precision. The report goes into ``nvembed.json``.
+README budget of the bundle's precision. The report goes into ``nvembed.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def validate_export(
         checkpoint: the source checkpoint directory.
         bundle: the exported bundle directory.
         texts: real texts (at least 10). Defaults to the SDK's held-out validation text.
-        tolerance: budget. Defaults to the bundle precision's DESIGN.md budget.
+        tolerance: budget. Defaults to the bundle precision's README budget.
         backend: backend that runs the bundle. Defaults to onnxruntime (CPU).
         write: store the report under ``validation`` in ``nvembed.json``. Defaults to True.
         raise_on_failure: raise :class:`ToleranceExceeded` outside the budget. Defaults to True.

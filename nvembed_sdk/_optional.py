@@ -39,7 +39,8 @@ def require(name: str) -> ModuleType:
         BackendUnavailableError: the module is missing or older than the minimum.
     """
     extra, min_version, hint = _KNOWN.get(name, ("", "0", ""))
-    how = f"pip install 'nvembed-sdk[{extra}]'" if extra else f"pip install {name}"
+    # nvembed-sdk is not on PyPI: the extra installs from a checkout of the repository.
+    how = f"pip install -e '.[{extra}]' from the nvembed-sdk checkout" if extra else f"pip install {name}"
     if hint:
         how += f" ({hint})"
     try:

@@ -101,7 +101,10 @@ def run_bench(
         One :class:`BenchResult` per artifact, in order.
     """
     from nvembed_sdk.embedder import Embedder
+    from nvembed_sdk.validate import check_range
 
+    check_range("batch_size", batch_size, 1)
+    check_range("max_length", max_length, 2)
     items = list(texts) if texts is not None else bench_texts()
     loaded = []
     for path in artifacts:

@@ -125,6 +125,32 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ArtifactError(fmt(str(f), f"corrupt safetensors file ({exc})", "a valid .safetensors file")) from exc
 
 
+_LAYER_KEY = re.compile(r"^" + re.escape(_E) + r"layers\.(\d+)\.")
+
+
+def check_layer_count(files: list[Path], cfg: NVEmbedConfig) -> None:
+    """Compare the decoder layers the weights hold with ``num_hidden_layers`` (key names only).
+
+    A config naming the wrong layer count would otherwise surface as "missing keys" or an
+    "unexpected key", which sends the user looking for lost weights.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    layers: set[int] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                layers.update(int(m.group(1)) for k in reader.keys() if (m := _LAYER_KEY.match(k)))  # noqa: SIM118
+        except SafetensorError as exc:
+            raise ArtifactError(fmt(str(f), f"corrupt safetensors file ({exc})", "a valid .safetensors file")) from exc
+    n = cfg.text.num_hidden_layers
+    held = max(layers) + 1 if layers else 0
+    # Only a clean 0..M-1 run is a layer-count mismatch; a stray key is named by the strict loader.
+    if layers and held != n and layers == set(range(held)):
+        raise ArtifactError(fmt("config.json text_config.num_hidden_layers", n,
+                                f"the weights hold {held} decoder layers; set num_hidden_layers to {held}"))
+
+
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_path, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_path)
@@ -161,6 +187,7 @@ def load_model(
     files = safetensors_files(directory)
     target = dtype_from_name(dtype)
     device = torch.device(device)
+    check_layer_count(files, cfg)
     with torch.device("meta"):
         model = NVEmbedModel(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}

@@ -10,14 +10,16 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
-from nvembed_sdk.errors import NVEmbedError
+from nvembed_sdk.errors import NVEmbedError, fmt, user_message
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -33,21 +35,69 @@ COMMANDS: dict[str, str] = {
 }
 
 
+DEBUG_ENV = "NVEMBED_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """``nvembed --debug`` (this invocation) or NVEMBED_DEBUG=1: show tracebacks instead of one-line errors."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
+
+
 def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SDK errors into one line on stderr and exit code 1 (no traceback)."""
+    """Turn every error a user can cause (SDK, OS, Unicode) into one line on stderr and exit 1.
+
+    ``nvembed --debug ...`` or NVEMBED_DEBUG=1 re-raises instead, with the traceback. Anything
+    else (a bug) keeps its traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except NVEmbedError as exc:
-            click.echo(f"error: {exc}", err=True)
+        except (NVEmbedError, OSError, UnicodeError) as exc:
+            message = user_message(exc)
+            if message is None or debug_enabled():
+                raise
+            # The message may quote a path or text holding lone surrogates: escape them, or
+            # writing the error would itself fail.
+            line = message.replace("\n", " ").encode("utf-8", "backslashreplace").decode("utf-8")
+            click.echo(f"error: {line}", err=True)
             sys.exit(1)
 
     return wrapper
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """A click usage error (bad option value, missing argument) in the house one-line form."""
+    where = exc.ctx.command_path if exc.ctx is not None else "nvembed"
+    return fmt(where, exc.format_message().rstrip("."), f"see `{where} --help` for the options and an example")
+
+
+def standalone(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a click ``main`` with usage errors printed as one ``error:`` line and exit code 1."""
+    try:
+        return main_fn(*args, standalone_mode=False, **kwargs)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # `nvembed` alone: the help
+            click.echo(exc.ctx.get_help())
+            sys.exit(2)
+        click.echo(f"error: {usage_line(exc)}", err=True)
+        sys.exit(1)
+    except click.Abort:
+        click.echo("error: interrupted | got Ctrl-C. Note: nothing was finished; run the command again", err=True)
+        sys.exit(1)
+
+
 class LazyGroup(click.Group):
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        code = standalone(super().main, *args, **kwargs)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -72,7 +122,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="nvembed-sdk")
-def main() -> None:
+@click.option("--debug", is_flag=True, help=f"Show tracebacks instead of one-line errors (also {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
     """nvembed: NV-Embed models from training to deployment.
 
     \b
@@ -150,6 +201,11 @@ def info(path: str, as_json: bool) -> None:
     """Describe a checkpoint or bundle: architecture, parameters, dtype, tokenizer, max length.
 
     Works on a directory holding only config.json (no weights needed).
+
+    \b
+    Examples:
+      nvembed info models/nvembed-debian-small
+      nvembed info out/onnx --json
     """
     facts = describe(path)
     if as_json:
@@ -163,49 +219,75 @@ def info(path: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
-@click.option("--file", "text_file", type=click.Path(exists=True, dir_okay=False), help="One text per line.")
-@click.option("--instruction", default="", help='Full prefix, e.g. "Instruct: <task>\\nQuery: " (use $\'...\' for \\n).')
-@click.option("--query", "task", default=None, help="Embed as queries for this task (builds the Instruct/Query prefix).")
+@click.option("--text", "texts", multiple=True, help="Passage text to embed (repeatable); --instruction applies to it.")
+@click.option("--file", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Passages: one per line (.txt) or JSONL with 'text' (.jsonl[.gz]), UTF-8.")
+@click.option("--query", "queries", multiple=True,
+              help="Query text to embed (repeatable), prefixed with 'Instruct: {task}\\nQuery: '.")
+@click.option("--task", default=None,
+              help="Task of the query prefix. Default: the NV-Embed-v2 README's question task. "
+                   "Without --query, embeds the --text/--file texts as queries of this task.")
+@click.option("--instruction", default="", help='Full prefix, e.g. "Instruct: <task>\\nQuery: " (use $\'...\' for \\n). '
+              "Not with --query or --task.")
 @click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime", "tensorrt"]), help="Default: from the artifact.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N. Default: CUDA if available.")
 @click.option("--precision", default=None, help="torch backend only: fp32, bf16, fp16, autocast.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--max-length", default=None, type=int, help="Truncation length in tokens. Default: the artifact's.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=None, type=click.IntRange(min=1), help="Truncation length in tokens. Default: the artifact's.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of vectors.")
 @fail_cleanly
-def embed(path: str, texts: tuple[str, ...], text_file: str | None, instruction: str, task: str | None,
-          backend: str | None, device: str | None, precision: str | None, batch_size: int,
+def embed(path: str, texts: tuple[str, ...], text_file: str | None, queries: tuple[str, ...], task: str | None,
+          instruction: str, backend: str | None, device: str | None, precision: str | None, batch_size: int,
           max_length: int | None, as_json: bool) -> None:
-    """Embed texts with any artifact and print the vectors."""
-    from nvembed_sdk.embedder import Embedder, query_instruction
-    from nvembed_sdk.errors import InputError
+    """Embed texts with any artifact and print the vectors (passages first, then queries).
 
+    \b
+    Examples:
+      nvembed embed models/nvembed-debian-small --text "a tool to resize images"
+      nvembed embed out/onnx --query "how do I resize an image?" --text "imagemagick: image tools"
+      nvembed embed out/onnx --file passages.txt --json > vectors.json
+      nvembed embed out/onnx --task "Given a word, retrieve its definition" --text "ephemeral"
+    """
+    from nvembed_sdk.embedder import DEFAULT_TASK, Embedder, query_instruction
+    from nvembed_sdk.errors import InputError
+    from nvembed_sdk.textsets import read_texts
+
+    if instruction and (queries or task):
+        raise InputError("--instruction | got it with --query/--task. Note: --query and --task build the "
+                         "query prefix themselves; pass either --instruction or --query/--task")
     items = list(texts)
     if text_file:
-        items += [line for line in Path(text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not items:
-        raise InputError("texts | got none. Note: pass --text TEXT (repeatable) or --file FILE")
+        items += read_texts(text_file)
+    if not items and not queries:
+        raise InputError("texts | got none. Note: pass --text TEXT or --query TEXT (repeatable) or --file FILE")
+    prefix = query_instruction(task or DEFAULT_TASK)
     opts = {"precision": precision} if precision else {}
     emb = Embedder.load(path, backend=backend, device=device, **opts)
-    if task:
-        instruction = query_instruction(task)
-    vecs = emb.embed(items, instruction=instruction, batch_size=batch_size, max_length=max_length)
+    passage_prefix = prefix if (task and not queries) else instruction
+    parts = [emb.embed(items, instruction=passage_prefix, batch_size=batch_size, max_length=max_length)]
+    if queries:
+        parts.append(emb.embed(list(queries), instruction=prefix, batch_size=batch_size, max_length=max_length))
+    vecs = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    labels = [f"{t[:50]!r}" for t in items] + [f"query {q[:44]!r}" for q in queries]
     if as_json:
         click.echo(json.dumps({"backend": emb.backend, "precision": emb.precision, "dim": emb.dim,
                                "embeddings": [[round(float(x), 7) for x in v] for v in vecs]}))
         return
     click.echo(f"# {emb!r}")
-    for text, v in zip(items, vecs, strict=True):
+    for label, v in zip(labels, vecs, strict=True):
         head = " ".join(f"{x:+.4f}" for x in v[:6])
-        click.echo(f"{text[:50]!r:<54} [{head} ...] dim={len(v)}")
+        click.echo(f"{label:<54} [{head} ...] dim={len(v)}")
 
 
 def export_main() -> None:
     """Entry point of ``nvembed-export`` (same as ``nvembed export``)."""
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     cmd = LazyGroup.get_command(main, click.Context(main), "export")  # type: ignore[arg-type]
     assert cmd is not None
-    cmd(prog_name="nvembed-export")
+    code = standalone(cmd.main, prog_name="nvembed-export")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
     bf16 engines are built from the fp32 ONNX with TensorRT 10.x's BF16 flag.
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
-    outside the DESIGN.md budget (report stored in nvembed.json).
+    outside the README budget (report stored in nvembed.json).
     """
     from pathlib import Path
 
     from nvembed_sdk.errors import InputError
+    from nvembed_sdk.validate import check_opset
 
+    check_opset(opset)  # before any slow work (--opset 99)
     if to == "onnx":
         if precision == "bf16":
             raise InputError("precision bf16 | got --to onnx. Note: ONNX bundles are fp32, fp16, int8 or fp8; "

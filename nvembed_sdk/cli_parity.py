@@ -19,8 +19,9 @@ from nvembed_sdk.cli import fail_cleanly
 @click.option("--instruction", default=None,
               help="Query prefix for the query-side comparison. Default: the NV-Embed-v2 README question "
                    "instruction; '' compares documents only.")
-@click.option("--min-cosine", type=float, default=None, help="Per-row cosine budget. Default: from the candidate's precision.")
-@click.option("--limit", type=int, default=None, help="Use at most this many texts.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Per-row cosine budget in (0, 1]. Default: from the candidate's precision.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many texts.")
 @click.option("--device", default=None, help="Device for the candidate (the reference runs on the CPU in fp32).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON here.")
 @fail_cleanly
@@ -29,7 +30,14 @@ def parity(reference: str, candidate: str, texts_file: str | None, instruction: 
     """Compare the final embeddings of two artifacts on real text.
 
     Per-row cosine (min, mean, worst texts), max abs error and top-10 retrieval agreement.
-    The budget defaults from the candidate's precision (DESIGN.md). Exit code 0 on pass, 1 on failure.
+    The budget defaults from the candidate's precision (fp32 0.99999, fp16/bf16 0.999, int8/fp8
+    0.99 per-row cosine). Top-k is lowered to half the texts when there are fewer than 2k
+    (the report says so). Exit code 0 on pass, 1 on failure.
+
+    \b
+    Examples:
+      nvembed parity models/nvembed-debian-small out/onnx
+      nvembed parity models/nvembed-debian-small out/int8 --texts my_texts.txt --json report.json
     """
     from nvembed_sdk.embedder import Embedder
     from nvembed_sdk.parity import compare
@@ -48,13 +56,13 @@ def parity(reference: str, candidate: str, texts_file: str | None, instruction: 
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path())
 @click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Texts (.txt or .jsonl[.gz]). Default: 256 real passages, truncated to --max-length tokens.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--max-length", default=128, show_default=True, help="Truncation (tokens per text).")
-@click.option("--repeats", default=5, show_default=True, help="Timed passes per artifact, interleaved round-robin; median reported.")
-@click.option("--num-texts", default=256, show_default=True, help="Number of default texts.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="Truncation (tokens per text).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed passes per artifact, interleaved round-robin; median reported.")
+@click.option("--num-texts", default=256, show_default=True, type=click.IntRange(min=1), help="Number of default texts.")
 @click.option("--device", default=None, help="Device for every artifact.")
 @click.option("--precision", default=None, help="torch backend precision for checkpoint artifacts (fp32, bf16, ...).")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
 @fail_cleanly
 def bench(artifacts: tuple[str, ...], texts_file: str | None, batch_size: int, max_length: int, repeats: int,
@@ -65,6 +73,10 @@ def bench(artifacts: tuple[str, ...], texts_file: str | None, batch_size: int, m
     interleaved round-robin (each pass after one untimed batch of the same artifact, so the
     figures are steady state) and the median pass is reported, with ratios against the first
     artifact. A benchmark, not a test.
+
+    \b
+    Example:
+      nvembed bench models/nvembed-debian-small out/onnx out/int8 --batch-size 16 --repeats 3
     """
     from nvembed_sdk.bench import bench_texts, format_results, run_bench
     from nvembed_sdk.textsets import read_texts

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk.errors import ArtifactError, fmt
+from nvembed_sdk.validate import check_fields, check_range
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class DecoderConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        check_fields(self, "text_config.", ArtifactError)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "head_dim"):
+            if getattr(self, name) is not None:
+                check_range(f"text_config.{name}", getattr(self, name), 1, error=ArtifactError)
+        for name in ("rope_theta", "rms_norm_eps"):
+            check_range(f"text_config.{name}", getattr(self, name), 0, lo_open=True, error=ArtifactError)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -67,6 +75,12 @@ class LatentAttentionConfig:
     latent_dim: int = 4096
     hidden_dim: int = 4096
     output_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "latent_attention_config.", ArtifactError)
+        for f in dataclasses.fields(self):
+            if f.name != "output_normalize":
+                check_range(f"latent_attention_config.{f.name}", getattr(self, f.name), 1, error=ArtifactError)
 
     @property
     def inner_dim(self) -> int:
@@ -115,6 +129,8 @@ class NVEmbedConfig:
     extra_text_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        check_fields(self, "", ArtifactError)
+        check_range("nvembed_max_length", self.max_length, 1, error=ArtifactError)
         t, la = self.text, self.latent
         # The released code feeds decoder states to the "latent_dim" LayerNorm and the latents to
         # the "hidden_dim" LayerNorm (reference §3.3 naming quirk): it only works when all are equal.
@@ -142,6 +158,10 @@ class NVEmbedConfig:
         """Build from the released ``config.json`` dict (unknown fields are ignored or kept)."""
         if not isinstance(d, dict) or "text_config" not in d:
             raise ArtifactError(fmt("config.json", "no 'text_config'", "an NV-Embed config (model_type 'nvembed')"))
+        for key in ("text_config", "latent_attention_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ArtifactError(fmt(f"config.json {key}", f"a {type(d[key]).__name__}",
+                                        "a JSON object (the released NV-Embed-v2 format)"))
         tc = dict(d["text_config"])
         text_kwargs = {k: tc[k] for k in _DECODER_KEYS if k in tc and tc[k] is not None}
         extra = {k: v for k, v in tc.items() if k not in _DECODER_KEYS}
@@ -152,7 +172,7 @@ class NVEmbedConfig:
         top = {k: d[k] for k in ("padding_side", "add_pad_token", "is_mask_instruction", "add_eos",
                                  "mask_type", "torch_dtype") if k in d and d[k] is not None}
         if "nvembed_max_length" in d:
-            top["max_length"] = int(d["nvembed_max_length"])
+            top["max_length"] = d["nvembed_max_length"]
         try:
             return cls(text=DecoderConfig(**text_kwargs), latent=LatentAttentionConfig(**latent_kwargs),
                        extra_text_config=extra, **top)
@@ -170,7 +190,10 @@ class NVEmbedConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(fmt(str(path), f"invalid JSON ({exc})", "the released config.json format")) from exc
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         """The released ``config.json`` layout, loadable by NVIDIA's remote code too."""

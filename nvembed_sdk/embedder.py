@@ -15,7 +15,7 @@ import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.manifest import MANIFEST, read_manifest
-from nvembed_sdk.text import TextPipeline, check_texts
+from nvembed_sdk.text import TextPipeline, check_texts, check_utf8
 
 log = logging.getLogger("nvembed_sdk")
 
@@ -64,6 +64,21 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
                             "an NV-Embed checkpoint dir or a bundle written by nvembed-export"))
 
 
+def check_finite(vectors: np.ndarray, index: Sequence[int] | np.ndarray, where: str) -> None:
+    """Raise ArtifactError naming the texts whose vectors hold NaN or Inf.
+
+    A finite input never makes a sound model give NaN, so the artifact is at fault: weights
+    overwritten on disk, an ``rms_norm_eps`` <= 0, an fp16 overflow, a NaN checkpoint.
+    """
+    bad = ~np.isfinite(vectors).all(axis=1)  # (B,)
+    if bad.any():
+        rows = sorted(int(i) for i in np.asarray(index)[bad])
+        raise ArtifactError(fmt(f"embeddings from {where}", f"NaN/Inf for texts {rows[:10]}"
+                                f"{' ...' if len(rows) > 10 else ''}",
+                                "the model's weights or config are corrupt or overflow at this precision; "
+                                "re-export or re-train it, or try fp32"))
+
+
 class Embedder:
     """Embed texts with any NV-Embed artifact.
 
@@ -95,6 +110,8 @@ class Embedder:
         """
         from nvembed_sdk.runtimes import backend_class
 
+        if backend is not None:
+            backend_class(backend)  # an unknown name lists the valid backends, before the artifact is read
         kind, model_path, directory = detect(path)
         name = backend or kind
         if name == "torch" and kind != "torch":
@@ -104,7 +121,14 @@ class Embedder:
                                     "export it first: nvembed-export --model DIR --to onnx --output OUT"))
         impl = backend_class(name)(model_path, device=device, **options).load()
         max_length = impl.max_length or 4096
-        return cls(impl, TextPipeline(directory, max_length=max_length))
+        # is_mask_instruction false (config.json, or the bundle's text settings): the released
+        # encode() then pools the instruction tokens too (reference/NV-Embed-v2.md §4.1 step 3).
+        mask = impl.manifest.get("text", {}).get("mask_instruction", True) is not False
+        positions = impl.manifest.get("model", {}).get("max_position_embeddings")
+        if isinstance(positions, int) and max_length > positions:
+            log.warning("max_length %d is above the model's %d positions; using %d", max_length, positions, positions)
+            max_length = positions
+        return cls(impl, TextPipeline(directory, max_length=max_length, mask_instruction=mask))
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -183,10 +207,14 @@ class Embedder:
         items = check_texts(texts)
         if not isinstance(instruction, str):
             raise InputError(fmt("instruction", type(instruction).__name__, "a str"))
+        check_utf8(instruction, "instruction")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(fmt("batch_size", batch_size, "an int >= 1"))
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise InputError(fmt("max_length", max_length, "an int >= 1 or None"))
+        positions = self.manifest.get("model", {}).get("max_position_embeddings")
+        if max_length is not None and isinstance(positions, int) and max_length > positions:
+            raise InputError(fmt("max_length", max_length, f"at most the model's {positions} positions"))
         if not normalize and self._backend.normalizes_output:
             raise InputError(fmt("normalize=False", f"the {self.backend} artifact",
                                  "exported graphs normalise inside; use the checkpoint (torch backend)"))
@@ -206,6 +234,7 @@ class Embedder:
             idx = order[lo : lo + batch_size]
             batch = self.text.collate([ids[i] for i in idx], start)
             out[idx] = self._backend.run(batch)
+        check_finite(out, np.arange(len(items)), self._backend.describe())  # every batch, all bad texts named
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)

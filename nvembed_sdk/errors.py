@@ -47,3 +47,44 @@ class ToleranceExceeded(ParityError):
 def fmt(subject: str, received: object, expected: str) -> str:
     """Build a message in the house template."""
     return f"{subject} | got {received}. Note: {expected}"
+
+
+# errno -> what the user can do about it (OSError messages carry the cause, not the fix).
+_OS_FIXES = {
+    "ENOSPC": "free disk space or write elsewhere",
+    "EDQUOT": "free disk space (quota) or write elsewhere",
+    "EROFS": "the file system is read-only; write to a writable location",
+    "EACCES": "check the permissions, or write to a location you own",
+    "EPERM": "check the permissions, or write to a location you own",
+    "ENOTDIR": "a part of the path is a regular file, not a directory; choose another path",
+    "ENOENT": "an existing path (check the spelling)",
+    "EISDIR": "a file path, not a directory",
+    "EEXIST": "a path that does not exist yet, or remove the old one",
+    "ENAMETOOLONG": "a shorter path",
+}
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-line message for an error a user can cause, or None for a bug (keep its traceback).
+
+    SDK errors carry their own message; OS errors (missing, read-only or full disks, a path
+    under a regular file) and Unicode errors (undecodable files, lone surrogates) are put in
+    the house template here, naming the file and the fix.
+    """
+    import errno as errno_mod
+
+    if isinstance(exc, NVEmbedError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        code = errno_mod.errorcode.get(exc.errno or 0, "")
+        where = exc.filename if exc.filename is not None else "file system"
+        return fmt(str(where), f"{exc.strerror or exc} ({code or type(exc).__name__})",
+                   _OS_FIXES.get(code, "check the path, its permissions and the free disk space"))
+    if isinstance(exc, UnicodeError):
+        return fmt("text encoding", f"{type(exc).__name__}: {str(exc)[:200]}",
+                   "UTF-8 text in files and arguments (no lone surrogates)")
+    return None
+
+
+class TrainingDiverged(NVEmbedError):
+    """Training produced a non-finite loss, gradient or weight; the run stopped before saving it."""

@@ -1,4 +1,4 @@
-"""``nvembed.json``: the manifest of an exported bundle (DESIGN.md "Bundle")."""
+"""``nvembed.json``: the manifest of an exported bundle (README "Export and deployment")."""
 
 from __future__ import annotations
 
@@ -57,3 +57,41 @@ def checkpoint_hash(directory: str | Path) -> str:
             h.update(f.name.encode())
             h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+# Typed manifest fields: (section, key) -> (type, minimum). A hand-edited ``"dim": "big"`` must be
+# an ArtifactError naming the field, not a ValueError from int().
+_TYPED_FIELDS: dict[tuple[str, str], tuple[type | tuple[type, ...], int | None]] = {
+    ("model", "dim"): (int, 1),
+    ("model", "num_parameters"): (int, 1),
+    ("model", "num_hidden_layers"): (int, 1),
+    ("model", "hidden_size"): (int, 1),
+    ("model", "vocab_size"): (int, 1),
+    ("model", "max_position_embeddings"): (int, 1),
+    ("text", "max_length"): (int, 1),
+    ("text", "pad_id"): (int, 0),
+    ("text", "eos_token"): (str, None),
+    ("text", "mask_instruction"): (bool, None),
+    ("files", "model"): (str, None),
+    ("", "precision"): (str, None),
+    ("", "kind"): (str, None),
+}
+
+
+def check_manifest_types(data: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """Raise ArtifactError naming the first manifest field of the wrong type or below its minimum."""
+    for (section, key), (tp, minimum) in _TYPED_FIELDS.items():
+        holder = data if not section else data.get(section, {})
+        if not isinstance(holder, dict):
+            raise ArtifactError(fmt(f"{where} {section}", f"a {type(holder).__name__}", "a JSON object"))
+        if key not in holder or holder[key] is None:
+            continue
+        value = holder[key]
+        ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+        if ok and minimum is not None and value < minimum:
+            ok = False
+        if not ok:
+            name = f"{section}.{key}" if section else key
+            need = getattr(tp, "__name__", str(tp)) + (f" >= {minimum}" if minimum is not None else "")
+            raise ArtifactError(fmt(f"{where} {name}", f"{value!r:.60}", f"a {need}; re-export the bundle"))
+    return data

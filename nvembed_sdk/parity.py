@@ -7,6 +7,7 @@ over the flattened batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +25,18 @@ class Tolerance:
     min_cosine: float
     min_topk: float
 
+    def __post_init__(self) -> None:
+        # A budget outside (0, 1] (e.g. --min-cosine -1, 2 or nan) would pass or fail anything.
+        for name, lo_open in (("min_cosine", True), ("min_topk", False)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+                0 < v <= 1 if lo_open else 0 <= v <= 1)
+            if not ok:
+                raise InputError(fmt(f"parity budget {name}", repr(v),
+                                     "a number in (0, 1]" if lo_open else "a number in [0, 1]"))
 
-# DESIGN.md "Precision and parity budget". Retrieval for int8/fp8 is stated there as nDCG@10
+
+# README "Precision and parity budget". Retrieval for int8/fp8 is stated there as nDCG@10
 # within 1 point; without labels we gate on top-10 agreement >= 0.9 (issue 5's figure).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(0.99999, 1.0),
@@ -147,6 +158,20 @@ def compare_arrays(
     if ref.shape != cand.shape or ref.ndim != 2:
         raise ShapeMismatch(fmt("embeddings", f"shapes {ref.shape} vs {cand.shape}", "equal (N, D) arrays"))
     tol = tolerance if isinstance(tolerance, Tolerance) else tolerance_for(tolerance)
+    # Top-k agreement among n documents is trivially 1.0 when k >= n: k is lowered to n // 2
+    # (and the report says so); fewer than 2 documents cannot measure retrieval at all.
+    n_docs = ref.shape[0] - (0 if queries is not None else 1)
+    notes = []
+    if not isinstance(k, int) or k < 1:
+        raise InputError(fmt("top-k", repr(k), "an int >= 1"))
+    if n_docs < 2 * k:
+        if n_docs // 2 < 1:
+            raise InputError(fmt("parity texts", f"{ref.shape[0]} texts",
+                                 f"at least {2 * k + (0 if queries is not None else 1)} for top-{k} agreement "
+                                 "(pass more texts, e.g. omit --texts for the shipped held-out set)"))
+        notes.append(f"top-k lowered from {k} to {n_docs // 2}: only {ref.shape[0]} texts "
+                     f"(top-{k} of {n_docs} would always agree)")
+        k = n_docs // 2
     rows = [row_cosine(ref, cand)]
     if queries is not None:
         rows.append(row_cosine(*queries))
@@ -164,7 +189,7 @@ def compare_arrays(
     return ParityReport(
         reference=names[0], candidate=names[1], num_texts=int(ref.shape[0]),
         min_cosine=float(cos.min()) if cos.size else 1.0, mean_cosine=float(cos.mean()) if cos.size else 1.0,
-        max_abs_error=abs_err, topk_agreement=agree, k=k, tolerance=tol, worst=worst,
+        max_abs_error=abs_err, topk_agreement=agree, k=k, tolerance=tol, worst=worst, notes=notes,
     )
 
 
@@ -201,12 +226,16 @@ def compare(
     ref = reference if isinstance(reference, Embedder) else Embedder.load(reference, device="cpu")
     cand = candidate if isinstance(candidate, Embedder) else Embedder.load(candidate)
     items = list(texts) if texts is not None else default_texts("validation")
+    # Repeated texts add nothing to a comparison, and their tied scores make top-k sets flip.
+    unique = list(dict.fromkeys(items))
+    dropped = len(items) - len(unique)
+    items = unique
     ins = query_instruction(DEFAULT_TASK) if instruction is None else instruction
     tol = tolerance if tolerance is not None else tolerance_for(cand.precision)
     if isinstance(tol, str):
         tol = tolerance_for(tol)
     if min_cosine is not None:
-        tol = Tolerance(float(min_cosine), tol.min_topk)
+        tol = Tolerance(min_cosine, tol.min_topk)
     docs = (ref.embed(items, batch_size=batch_size), cand.embed(items, batch_size=batch_size))
     queries = None
     if ins:
@@ -214,6 +243,8 @@ def compare(
                    cand.embed(items, instruction=ins, batch_size=batch_size))
     report = compare_arrays(docs[0], docs[1], items, tol, queries, k,
                             names=(_label(reference, ref), _label(candidate, cand)))
+    if dropped:
+        report.notes.append(f"{dropped} repeated texts compared once")
     if cand.emulated:
         report.notes.append("candidate numerics are emulated on this machine (FP8 Q/DQ on CPU)")
     return report

@@ -52,7 +52,34 @@ def check_texts(texts: object) -> list[str]:
     for i, t in enumerate(out):
         if not isinstance(t, str):
             raise InputError(fmt(f"texts[{i}]", f"{type(t).__name__} {t!r:.40}", "every item must be a str"))
+        check_utf8(t, f"texts[{i}]")
     return out
+
+
+def check_utf8(text: str, where: str) -> None:
+    """Refuse a str that has no UTF-8 form (a lone surrogate, e.g. from undecodable argv bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(fmt(where, f"{text[max(0, exc.start - 20):exc.end + 20]!r} (a lone surrogate "
+                             f"{text[exc.start]!r} at character {exc.start})",
+                             "valid Unicode text; decode your input as UTF-8 first")) from None
+
+
+def check_pool_spans(ids: Sequence[Sequence[int]], start: int, instruction: str) -> None:
+    """Refuse rows whose pool span ``[start, len)`` is empty.
+
+    When the instruction's last word merges with the text (``"Instruct: especiall"`` + ``"y"``),
+    the combined row can be no longer than the instruction tokenised alone, so the pool mask is
+    all zero. The released code then divides by zero (reference/NV-Embed-v2.md §3.3: plain
+    division, no epsilon) and returns NaN; an error naming the instruction is returned instead.
+    """
+    empty = [i for i, row in enumerate(ids) if len(row) <= start]
+    if empty:
+        raise InputError(fmt(f"instruction {instruction!r:.80}",
+                             f"nothing left to pool for texts {empty[:10]}{' ...' if len(empty) > 10 else ''} "
+                             f"(its last word merges with the text)",
+                             "end the instruction with a space or punctuation, e.g. 'Instruct: {task}\\nQuery: '"))
 
 
 class TextPipeline:
@@ -117,7 +144,9 @@ class TextPipeline:
         encs = self.tokenizer.encode_batch([instruction + t + self.eos_token for t in texts])
         # Keeping the first max_length tokens equals transformers' truncation with a BOS-only
         # template (BOS kept, an over-long text loses its EOS, as in the release).
-        return [e.ids[:max_length] for e in encs]
+        ids = [e.ids[:max_length] for e in encs]
+        check_pool_spans(ids, L, instruction)
+        return ids
 
     def collate(self, ids: Sequence[Sequence[int]], pool_starts: Sequence[int] | int = 0) -> Batch:
         """Right-pad to the longest row and build the masks.

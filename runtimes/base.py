@@ -16,6 +16,7 @@ import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, NVEmbedError, fmt
 from nvembed_sdk.text import Batch
+from nvembed_sdk.validate import Option, check_device, check_options
 
 
 class Backend(ABC):
@@ -32,11 +33,15 @@ class Backend(ABC):
     """
 
     name = "base"
+    # Each backend declares its options (name -> type, help); an unknown or mistyped one is an
+    # InputError listing these, never silently ignored (a typo such as ``precison``).
+    OPTIONS: dict[str, Option] = {}
 
     def __init__(self, path: str | Path, device: str | None = None, **options: Any) -> None:
+        check_device(device)
         self.path = Path(path)
         self.requested_device = device
-        self.options = options
+        self.options = check_options(self.name, self.OPTIONS, options)
         self.precision = "fp32"
         self.dim = 0
         self.device = "cpu"

@@ -29,9 +29,10 @@ import numpy as np
 
 from nvembed_sdk._optional import _version_tuple, require
 from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, InputError, fmt
-from nvembed_sdk.manifest import INPUT_NAMES, MANIFEST, OUTPUT_NAME, read_manifest
+from nvembed_sdk.manifest import INPUT_NAMES, MANIFEST, OUTPUT_NAME, check_manifest_types, read_manifest
 from nvembed_sdk.runtimes.base import Backend
 from nvembed_sdk.text import Batch
+from nvembed_sdk.validate import Option
 
 log = logging.getLogger("nvembed_sdk.ort")
 
@@ -39,6 +40,17 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _fallback_said = False  # the auto-device CPU fallback line, once per process
 _capture_lock = threading.Lock()  # fd 2 is process-wide: one capture at a time, or a nested restore loses stderr
+
+
+def _provider_list(value: Any) -> bool:
+    # ["CPUExecutionProvider"] or [("CUDAExecutionProvider", {"device_id": 0}), ...]; a bare str is refused
+    # (iterating it would give single characters).
+    return all(isinstance(p, str) or (isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                                      and isinstance(p[1], dict)) for p in value)
+
+
+def _threads(value: int) -> bool:
+    return value >= 0
 
 
 class OrtBackend(Backend):
@@ -59,6 +71,14 @@ class OrtBackend(Backend):
     """
 
     name = "onnxruntime"
+    OPTIONS = {
+        "providers": Option(list | tuple, "a list of provider names or (name, options) pairs, "
+                            "e.g. ['CPUExecutionProvider']", check=_provider_list),
+        "intra_op_num_threads": Option(int, "an int >= 0 (0: ONNX Runtime's choice)", check=_threads),
+        "inter_op_num_threads": Option(int, "an int >= 0 (0: ONNX Runtime's choice)", check=_threads),
+        "graph_optimization_level": Option(str, "disable, basic, extended or all", choices=_OPT_LEVELS),
+        "cpu_int8_u8_activations": Option(bool, "true or false"),
+    }
 
     def _load(self) -> None:
         ort = require("onnxruntime")
@@ -67,6 +87,7 @@ class OrtBackend(Backend):
             raise ArtifactError(fmt("onnx model", f"no file at {model}", "a bundle with model.onnx"))
         directory = model.parent
         self.manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {}
+        check_manifest_types(self.manifest, directory / MANIFEST)
         self.precision = str(self.manifest.get("precision", "fp32"))
         self.dim = int(self.manifest.get("model", {}).get("dim", 0))
         self.max_length = self.manifest.get("text", {}).get("max_length")

@@ -20,6 +20,7 @@ from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.errors import BackendUnavailableError, InputError, fmt
 from nvembed_sdk.runtimes.base import Backend
 from nvembed_sdk.text import Batch
+from nvembed_sdk.validate import Option
 
 PRECISIONS = ("fp32", "bf16", "fp16", "autocast")
 _WEIGHT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "autocast": torch.float32}
@@ -47,6 +48,10 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    OPTIONS = {
+        "precision": Option(str, "fp32, bf16, fp16 or autocast", choices=PRECISIONS),
+        "model": Option(torch.nn.Module, "an NVEmbedModel to wrap"),
+    }
 
     def _load(self) -> None:
         dev = resolve_device(self.requested_device)
@@ -69,7 +74,9 @@ class TorchBackend(Backend):
             "kind": "checkpoint",
             "precision": precision,
             "model": {"dim": self.dim, "num_parameters": self.cfg.num_parameters,
-                      "layers": self.cfg.text.num_hidden_layers, "hidden_size": self.cfg.text.hidden_size},
+                      "layers": self.cfg.text.num_hidden_layers, "hidden_size": self.cfg.text.hidden_size,
+                      "max_position_embeddings": self.cfg.text.max_position_embeddings},
+            "text": {"mask_instruction": self.cfg.is_mask_instruction},
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:

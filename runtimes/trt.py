@@ -37,9 +37,10 @@ import numpy as np
 
 from nvembed_sdk._optional import require
 from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, InputError, NVEmbedError, TensorRTError, fmt
-from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, read_manifest
+from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, check_manifest_types, read_manifest
 from nvembed_sdk.runtimes.base import Backend
 from nvembed_sdk.text import Batch
+from nvembed_sdk.validate import Option
 
 log = logging.getLogger("nvembed_sdk")
 
@@ -257,10 +258,11 @@ class TrtBackend(Backend):
     """
 
     name = "tensorrt"
+    OPTIONS = {"strict": Option(bool, "refuse an engine built for another GPU or TensorRT version")}
 
     def _load(self) -> None:
         plan_path, directory = self._paths()
-        manifest = read_manifest(directory)
+        manifest = check_manifest_types(read_manifest(directory), directory / "nvembed.json")
         if manifest.get("kind") != "tensorrt":
             raise ArtifactError(fmt(str(directory / "nvembed.json"), f"kind {manifest.get('kind')!r}",
                                     "a TensorRT bundle (kind 'tensorrt') written by nvembed-export --to tensorrt"))

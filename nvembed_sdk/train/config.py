@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.validate import check_device, check_fields, check_range
 
 INIT_KINDS = ("scratch", "nvembed", "mistral")
 DATA_FORMATS = ("auto", "jsonl", "debian-packages", "wordnet", "debian-sections")
@@ -60,6 +61,9 @@ class DataSource:
     max_examples: int | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "train config data[].")
+        if self.max_examples is not None:
+            check_range("train config data[].max_examples", self.max_examples, 1)
         if self.format not in DATA_FORMATS:
             raise InputError(fmt("data.format", repr(self.format), f"one of {DATA_FORMATS}"))
         if self.task is not None and self.task not in TASKS:
@@ -94,6 +98,11 @@ class LoRASettings:
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+    def __post_init__(self) -> None:
+        check_fields(self, "train config lora.")
+        check_range("train config lora.r", self.r, 1)
+        check_range("train config lora.dropout", self.dropout, 0, 1)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -114,6 +123,12 @@ class EvalSettings:
     max_queries: int | None = None
     max_corpus: int | None = None
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train config eval.")
+        for name in ("every_steps", "batch_size", "max_queries", "max_corpus"):
+            if getattr(self, name) is not None:
+                check_range(f"train config eval.{name}", getattr(self, name), 1)
 
 
 @dataclass(frozen=True)
@@ -234,6 +249,29 @@ class TrainConfig:
     max_length: int | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "train config ")
+        # Ranges, each naming its field. A huge lr is allowed (the non-finite loss guard of the
+        # loop stops such a run at its first bad step); a negative or zero one is not.
+        positive = ("lr", "temperature", "distill_temperature", "max_minutes", "checkpoint_every_minutes")
+        at_least_one = ("batch_size", "grad_accum_steps", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
+                        "log_every_steps", "teacher_max_length", "distill_batch_size", "num_threads",
+                        "query_max_length", "doc_max_length", "max_length")
+        non_negative = ("num_negatives", "distill_weight", "embed_distill_weight", "gradcache_chunk",
+                        "weight_decay", "warmup_steps", "grad_clip")
+        for name in positive + at_least_one + non_negative:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name in positive:
+                check_range(f"train config {name}", value, 0, lo_open=True)
+            else:
+                check_range(f"train config {name}", value, 1 if name in at_least_one else 0)
+        check_range("train config min_lr_ratio", self.min_lr_ratio, 0, 1)
+        for i, beta in enumerate(self.betas):
+            check_range(f"train config betas[{i}]", beta, 0, 1)
+        check_device(None if self.device == "auto" else self.device)
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise InputError(fmt("train config save_dtype", repr(self.save_dtype), "float32, float16 or bfloat16"))
         checks = [
             (self.init in INIT_KINDS, "init", repr(self.init), f"one of {INIT_KINDS}"),
             (self.init == "scratch" or self.init_path, "init_path", None, f"a checkpoint directory for init {self.init!r}"),
@@ -292,27 +330,29 @@ class TrainConfig:
             items = d["data"] if isinstance(d["data"], list) else [d["data"]]
             sources = []
             for item in items:
-                item = {"path": item} if isinstance(item, str) else dict(item)
+                item = {"path": item} if isinstance(item, str) else _mapping("train config data[]", item)
                 _reject_unknown("train config data[]", item, DataSource)
                 sources.append(DataSource(**item))
             d["data"] = tuple(sources)
         if "lora" in d:
-            lo = dict(d["lora"])
+            lo = _mapping("train config lora", d["lora"])
             _reject_unknown("train config lora", lo, LoRASettings)
-            if "target_modules" in lo:
+            if isinstance(lo.get("target_modules"), list):
                 lo["target_modules"] = tuple(lo["target_modules"])
             d["lora"] = LoRASettings(**lo)
         if "eval" in d:
-            ev = dict(d["eval"])
+            ev = _mapping("train config eval", d["eval"])
             _reject_unknown("train config eval", ev, EvalSettings)
             d["eval"] = EvalSettings(**ev)
-        if "betas" in d:
+        if "betas" in d and isinstance(d["betas"], list):
             d["betas"] = tuple(d["betas"])
         if "distill_texts" in d:
             items = d["distill_texts"]
-            d["distill_texts"] = (items,) if isinstance(items, str) else tuple(items)
+            d["distill_texts"] = (items,) if isinstance(items, str) else tuple(items) if isinstance(items, list) else items
         try:
             return cls(**d)
+        except InputError:
+            raise
         except TypeError as exc:
             raise InputError(fmt("train config", str(exc), "see `nvembed train --help` for the fields")) from exc
 
@@ -358,6 +398,12 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _mapping(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InputError(fmt(where, f"{value!r:.60} ({type(value).__name__})", "a mapping of settings"))
+    return dict(value)
 
 
 def _reject_unknown(where: str, d: dict[str, Any], cls: type) -> None:

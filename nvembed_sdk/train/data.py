@@ -15,14 +15,17 @@ Instructions follow the text pipeline the Embedder uses: ``Instruct: {task}\\nQu
 query only for retrieval, on both sides for symmetric tasks (classification, clustering, STS),
 and always excluded from pooling through ``pool_starts``.
 
-Never pass ``dev/`` or ``calibration/`` files: :func:`check_training_path` refuses them.
+Never pass the shipped ``dev/`` or ``calibration/`` files: :func:`check_training_path` refuses them.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import io
 import json
+import os
 import random
 import re
 from collections import defaultdict
@@ -47,7 +50,40 @@ SECTION_TASKS = {
     "classification": "Classify a Debian package description into its archive section",
     "clustering": "Identify the topic or category of a software package from its description",
 }
-_HELD_OUT_DIRS = ("dev", "calibration")
+# The shipped held-out folders (../shared/data/{dev,calibration} beside the checkout), plus any
+# listed in NVEMBED_HELD_OUT (os.pathsep-separated). Keyed to these folders, not to any folder
+# that happens to be named dev/ or calibration/ in a user's project.
+HELD_OUT_ENV = "NVEMBED_HELD_OUT"
+_HELD_OUT_NAMES = ("dev", "calibration")
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out_roots(env: str) -> tuple[Path, ...]:
+    repo = Path(__file__).resolve().parents[2]  # nvembed_sdk/train/data.py -> the checkout
+    candidates = [repo.parent / "shared" / "data" / n for n in _HELD_OUT_NAMES]
+    candidates += [Path(p) for p in env.split(os.pathsep) if p]
+    return tuple(c.resolve() for c in candidates if c.is_dir())
+
+
+def held_out_roots() -> tuple[Path, ...]:
+    """The held-out data folders that exist here (resolved)."""
+    return _held_out_roots(os.environ.get(HELD_OUT_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out_fingerprints(roots: tuple[Path, ...]) -> dict[int, list[Path]]:
+    sizes: dict[int, list[Path]] = defaultdict(list)
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file():
+                sizes[f.stat().st_size].append(f)
+    return dict(sizes)
+
+
+def is_held_out_source(source: str) -> bool:
+    """The data README's split rule: a Debian source package is held out (dev) when
+    ``sha256(source) % 10 == 0``."""
+    return int(hashlib.sha256(source.encode("utf-8")).hexdigest(), 16) % 10 == 0
 
 
 @dataclass(frozen=True)
@@ -91,12 +127,24 @@ def norm_text(text: str) -> str:
 
 
 def check_training_path(path: str | Path) -> Path:
-    """Refuse held-out data: any file under a ``dev/`` or ``calibration/`` directory."""
+    """Refuse held-out data: a file under the shipped ``dev/`` or ``calibration/`` folders (see
+    :func:`held_out_roots`) or a byte-identical copy of one."""
     p = Path(path)
-    if any(part in _HELD_OUT_DIRS for part in p.resolve().parts[:-1]):
-        raise InputError(fmt("training data", str(p), "never train on dev/ or calibration/ files (held out)"))
+    resolved = p.resolve()
+    roots = held_out_roots()
+    if any(resolved.is_relative_to(root) for root in roots):
+        raise InputError(fmt("training data", str(p), "never train on the shipped dev/ or calibration/ files (held out)"))
     if not p.is_file():
         raise ArtifactError(fmt("training data", f"no file at {p}", "a .jsonl or .jsonl.gz file"))
+    same_size = _held_out_fingerprints(roots).get(p.stat().st_size, []) if roots else []
+    if same_size:
+        from nvembed_sdk.manifest import sha256_file
+
+        digest = sha256_file(p)
+        for f in same_size:
+            if sha256_file(f) == digest:
+                raise InputError(fmt("training data", f"{p} (a copy of the held-out {f})",
+                                     "never train on the shipped dev/ or calibration/ files (held out)"))
     return p
 
 
@@ -137,11 +185,15 @@ def write_jsonl(path: str | Path, records: Iterator[dict[str, Any]] | Sequence[d
 
 def read_debian_packages(path: str | Path, instruction: str | None = None, source: int = 0) -> list[Example]:
     """``train/debian-packages``: summary -> long description, grouped by Debian source."""
-    return [
-        Example(query=r["query"], positive=r["positive"], instruction=instruction or r.get("instruction", ""),
-                group="src:" + r["source"], source=source)
-        for r in read_jsonl(check_training_path(path))
-    ]
+    p = check_training_path(path)
+    out = []
+    for n, r in enumerate(read_jsonl(p), 1):
+        if is_held_out_source(str(r["source"])):
+            raise InputError(fmt(f"training data {p}:{n}", f"source package {r['source']!r}, reserved for dev",
+                                 "never train on held-out Debian sources (data README split rule)"))
+        out.append(Example(query=r["query"], positive=r["positive"], instruction=instruction or r.get("instruction", ""),
+                           group="src:" + r["source"], source=source))
+    return out
 
 
 def read_wordnet(path: str | Path, instruction: str | None = None, source: int = 0) -> list[Example]:

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 
 from nvembed_sdk.checkpoint import _set_param, load_model, save_model, to_ours
 from nvembed_sdk.config import PRESETS, DecoderConfig, LatentAttentionConfig, NVEmbedConfig
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, TrainingDiverged, fmt
 from nvembed_sdk.model import NVEmbedModel
 from nvembed_sdk.text import TextPipeline
 from nvembed_sdk.train.config import TrainConfig
@@ -48,6 +49,7 @@ from nvembed_sdk.train.losses import compute_loss_from_embeddings
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"  # {"run_id": ...} in each step checkpoint: pruning only touches its own run's
 
 
 # ---- model construction ------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def apply_lora(model: NVEmbedModel, cfg: TrainConfig) -> nn.Module:
     except ImportError as exc:
         from nvembed_sdk.errors import BackendUnavailableError
 
-        raise BackendUnavailableError(fmt("LoRA", "peft is not installed", "pip install nvembed-sdk[train]")) from exc
+        raise BackendUnavailableError(fmt("LoRA", "peft is not installed", "pip install -e '.[train]' from the nvembed-sdk checkout")) from exc
     names = "|".join(cfg.lora.target_modules)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=rf"decoder\.layers\.\d+\.(attn|mlp)\.({names})")
@@ -234,7 +236,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def write_model_dir(model: nn.Module, out: Path, text: TextPipeline, cfg: TrainConfig,
-                    dtype: str = "float32", extra: dict[str, Any] | None = None) -> None:
+                    dtype: str = "float32", extra: dict[str, Any] | None = None, run_id: str | None = None) -> None:
     """Released layout + tokenizer + the stage config, written to a temp dir then renamed."""
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
@@ -245,6 +247,8 @@ def write_model_dir(model: nn.Module, out: Path, text: TextPipeline, cfg: TrainC
     (tmp / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
     if extra is not None:
         torch.save(extra, tmp / STATE_FILE)
+    if run_id is not None:
+        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n", encoding="utf-8")
     if out.exists():
         old = out.with_name(f".old-{out.name}")
         if old.exists():
@@ -254,6 +258,65 @@ def write_model_dir(model: nn.Module, out: Path, text: TextPipeline, cfg: TrainC
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def run_id_of(checkpoint: Path) -> str | None:
+    """The run a step checkpoint belongs to (None: written before run ids, or unreadable)."""
+    try:
+        return str(json.loads((checkpoint / RUN_FILE).read_text(encoding="utf-8"))["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to start a new run over another run's checkpoints or final model.
+
+    A fresh run in a finished run's directory used to have its new checkpoints pruned as older
+    than the old run's, and a later ``--resume`` continued the old run.
+
+    Raises:
+        InputError: ``out`` holds checkpoints or ``final/`` and neither ``resume`` nor ``overwrite``.
+    """
+    if resume and overwrite:
+        raise InputError(fmt("--resume and --overwrite", "both", "one of them: continue the run, or replace it"))
+    if resume:
+        return
+    old = [p for p in (out / "checkpoints").glob("step-*")] if (out / "checkpoints").is_dir() else []
+    final = out / "final"
+    if not old and not final.exists():
+        return
+    if not overwrite:
+        what = f"{len(old)} checkpoints" + (" and final/" if final.exists() else "")
+        raise InputError(fmt(f"output_dir {out}", f"another run's {what}",
+                             "--resume to continue that run, --overwrite to replace it, or another --output-dir"))
+    if main:
+        for p in [out / "checkpoints", final]:
+            if p.exists():
+                shutil.rmtree(p)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.pt``; a truncated or corrupt file is an ArtifactError naming it."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... on a bad file
+        raise ArtifactError(fmt(str(path), f"unreadable ({type(exc).__name__}: {str(exc)[:120]})",
+                                f"a complete checkpoint; move {checkpoint.name} aside to resume from the one before, "
+                                "or start again with --overwrite")) from None
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise ArtifactError(fmt(str(path), "not a trainer state", "a checkpoint written by nvembed train"))
+    return state
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float, last: Path | None) -> None:
+    """Stop a diverged run before the optimiser applies its step (and before any checkpoint of it)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written"
+    raise TrainingDiverged(fmt(f"training step {step}", f"loss {loss}, gradient norm {grad_norm}",
+                               f"lower lr, check the data and start weights; {kept} (weights unchanged)"))
 
 
 def _rng_states() -> dict[str, Any]:
@@ -355,7 +418,7 @@ def _setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, m
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None = None,
-          log: Any = print) -> dict[str, Any]:
+          log: Any = print, overwrite: bool = False) -> dict[str, Any]:
     """Run one stage.
 
     Args:
@@ -365,9 +428,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         stop_after_steps: stop (with a checkpoint, without ``final/``) once this many steps
             are done, as an interruption would. Defaults to None.
         log: callable taking one line. Defaults to print.
+        overwrite: replace another run's checkpoints and ``final/`` in ``output_dir`` (without
+            it, or ``resume``, such a directory is refused). Defaults to False.
 
     Returns:
         Summary: ``{"step", "final_dir", "history": [...], "evals": [...]}``.
+
+    Raises:
+        TrainingDiverged: a non-finite loss or gradient (the step is not applied, no checkpoint
+            of it is written).
+        InputError: ``output_dir`` holds another run (see ``overwrite``).
     """
     # -- setup
     dist_ = setup_dist()
@@ -377,6 +447,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     if device.type == "cuda" and dist_.world > 1:
         device = torch.device("cuda", dist_.local_rank)
     out = Path(cfg.output_dir)
+    prepare_output_dir(out, resume, overwrite, dist_.main)
+    dist_.barrier()
     if dist_.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
@@ -390,7 +462,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
 
     # -- model: start weights (or the last checkpoint's), then LoRA
     ckpts = checkpoint_dirs(out) if resume else []
-    state = torch.load(ckpts[-1] / STATE_FILE, map_location="cpu", weights_only=False) if ckpts else None
+    state = load_state(ckpts[-1]) if ckpts else None
     if state is not None and not cfg.lora.enabled:
         # Full fine-tuning: the checkpoint's fp32 weights are the exact training weights.
         model: nn.Module = load_model(ckpts[-1], dtype="float32", device=device)
@@ -424,6 +496,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     step, epoch, batch_in_epoch = 0, 0, 0
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
+    run_id = str((state or {}).get("run_id") or (run_id_of(ckpts[-1]) if ckpts else None) or uuid.uuid4().hex)
+    last_good: list[Path] = list(ckpts[-1:])
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -471,9 +545,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
                      if cfg.lora.enabled else {})
         extra = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "rng": _rng_states(), "trainable": trainable,
-                 "history": history, "evals": evals, "train_config": cfg.to_dict()}
-        write_model_dir(model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra)
-        for old in checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
+                 "history": history, "evals": evals, "train_config": cfg.to_dict(), "run_id": run_id}
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            check_finite_step(step, float("nan"), float("nan"), last_good[-1] if last_good else None)
+        write_model_dir(model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra, run_id)
+        last_good[:] = [out / "checkpoints" / f"step-{step:06d}"]
+        ours = [c for c in checkpoint_dirs(out) if run_id_of(c) == run_id]
+        for old in ours[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     def run_eval() -> dict[str, Any] | None:
@@ -544,6 +622,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             step_loss += float(extra_loss.detach())
         dist_.sum_grads(params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+        check_finite_step(step + 1, step_loss, grad_norm, last_good[-1] if last_good else None)
         opt.step()
         sched.step()
         step += 1

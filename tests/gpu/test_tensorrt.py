@@ -2,7 +2,7 @@
 
 Runs only where CUDA and TensorRT exist (``scripts/gpu_check.sh``); elsewhere the whole module
 is skipped with the reason. The model is the smallest checkpoint under ``models/`` that has
-weights, else the tiny random checkpoint of ``tests/conftest.py``. Budgets are DESIGN.md's:
+weights, else the tiny random checkpoint of ``tests/conftest.py``. Budgets are the README's:
 per-row cosine vs fp32 PyTorch >= 0.999 for fp16, >= 0.99 for INT8/FP8.
 """
 
@@ -40,7 +40,7 @@ def _skip_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
-        return f"tensorrt is not importable ({exc}): pip install 'nvembed-sdk[tensorrt]' (JetPack on Jetson)"
+        return f"tensorrt is not importable ({exc}): pip install -e '.[tensorrt]' (JetPack on Jetson)"
     return None
 
 

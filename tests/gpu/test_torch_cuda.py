@@ -1,4 +1,4 @@
-"""The PyTorch backend on CUDA: every precision against fp32 on the CPU, within DESIGN.md's budget."""
+"""The PyTorch backend on CUDA: every precision against fp32 on the CPU, within the README's budget."""
 
 from __future__ import annotations
 

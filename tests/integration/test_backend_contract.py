@@ -68,4 +68,4 @@ def test_contract(embedder):
 def test_backends_report_reasons():
     reasons = available_backends()
     assert reasons["torch"] is None
-    assert reasons["tensorrt"] is None or "pip install 'nvembed-sdk[tensorrt]'" in reasons["tensorrt"]
+    assert reasons["tensorrt"] is None or "pip install -e '.[tensorrt]'" in reasons["tensorrt"]

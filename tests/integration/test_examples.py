@@ -30,7 +30,7 @@ def test_ci_gate_passes_and_fails(tiny_checkpoint, bundle, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads((tmp_path / "r.json").read_text())["passed"]
     res = _run("examples/ci_parity_gate.py", "--reference", str(tiny_checkpoint), "--candidate", str(bundle),
-               "--min-cosine", "1.0000001")
+               "--min-cosine", "1.0")
     assert res.returncode == 1 and "FAIL" in res.stdout
 
 

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE_TEXTS, assert_close_cos
 
-onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
-pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'nvembed-sdk[onnx]'")
-pytest.importorskip("modelopt.onnx.quantization", reason="needs the quant extra: pip install 'nvembed-sdk[quant]'")
+onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("modelopt.onnx.quantization", reason="needs the quant extra: pip install -e '.[quant]'")
 
 from nvembed_sdk import Embedder, ToleranceExceeded  # noqa: E402
 from nvembed_sdk.cli import main  # noqa: E402

@@ -24,7 +24,7 @@ def test_embed_json(tiny_checkpoint):
                                     "--query", "find it", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["dim"] == 64 and len(out["embeddings"]) == 2
+    assert out["dim"] == 64 and len(out["embeddings"]) == 3  # two passages, then the query
 
 
 def test_errors_are_one_line_with_exit_1(tmp_path):

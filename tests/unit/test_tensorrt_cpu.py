@@ -205,7 +205,7 @@ def test_build_fails_fast_without_tensorrt(onnx_bundle, tmp_path):
     assert time.perf_counter() - t0 < 10
     msg = str(err.value)
     assert msg.startswith("tensorrt | is not installed")
-    assert "pip install 'nvembed-sdk[tensorrt]'" in msg and "JetPack" in msg and "\n" not in msg
+    assert "pip install -e '.[tensorrt]'" in msg and "JetPack" in msg and "\n" not in msg
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -237,7 +237,7 @@ def test_loading_engine_without_tensorrt(engine_bundle, as_file):
     from nvembed_sdk import Embedder
 
     path = engine_bundle / "engine.plan" if as_file else engine_bundle
-    with pytest.raises(BackendUnavailableError, match=r"tensorrt \| is not installed.*nvembed-sdk\[tensorrt\]"):
+    with pytest.raises(BackendUnavailableError, match=r"tensorrt \| is not installed.*\.\[tensorrt\]"):
         Embedder.load(path)
 
 
@@ -334,7 +334,7 @@ def test_cli_tensorrt_fails_fast(tiny_checkpoint, tmp_path):
                                  "--output", str(tmp_path / "out")])
     assert rc != 0 and seconds < 10, (rc, seconds, out)
     lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1 and "tensorrt" in lines[0] and "pip install 'nvembed-sdk[tensorrt]'" in lines[0], out
+    assert len(lines) == 1 and "tensorrt" in lines[0] and "pip install -e '.[tensorrt]'" in lines[0], out
 
 
 def test_cli_orin_fp8_fails_naming_int8_and_fp16(tiny_checkpoint, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from nvembed_sdk.train.data import (
     Example,
     TrainData,
     build_section_pairs,
+    check_training_path,
     collate,
     norm_text,
     pack_batches,
@@ -66,12 +68,43 @@ def test_collate_pools_without_the_instruction_and_maps_groups(tiny_tokenizer_di
     assert b.doc_groups.tolist()[1] == b.query_groups.tolist()[1]
 
 
-def test_held_out_files_are_refused(tmp_path):
-    (tmp_path / "dev").mkdir()
-    f = tmp_path / "dev" / "x.jsonl"
+def test_held_out_guard_is_keyed_to_the_held_out_folders_not_folder_names(tmp_path, monkeypatch):
+    held = tmp_path / "shipped" / "dev"
+    held.mkdir(parents=True)
+    f = held / "x.jsonl"
     f.write_text('{"query": "a", "positive": "b"}\n')
+    monkeypatch.setenv("NVEMBED_HELD_OUT", str(held))  # stands in for ../shared/data/dev
     with pytest.raises(InputError, match="held out"):
         TrainData([DataSource(str(f))], 0, 0)
+    copy = tmp_path / "mine" / "copy.jsonl"  # a byte-identical copy elsewhere is refused too
+    copy.parent.mkdir()
+    copy.write_bytes(f.read_bytes())
+    with pytest.raises(InputError, match="copy of the held-out"):
+        TrainData([DataSource(str(copy))], 0, 0)
+    # A user's own project folder named dev/ (or calibration/) is not held out.
+    own = tmp_path / "project" / "dev" / "pairs.jsonl"
+    own.parent.mkdir(parents=True)
+    own.write_text('{"query": "my own query", "positive": "my own document"}\n')
+    assert len(TrainData([DataSource(str(own))], 0, 0).epoch_examples(0)) == 1
+
+
+def test_shipped_dev_folder_and_held_out_sources_are_refused(tmp_path):
+    from nvembed_sdk.train.data import held_out_roots, is_held_out_source, read_debian_packages
+
+    shipped = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dev"
+    if shipped.is_dir():
+        assert shipped.resolve() in held_out_roots()
+        with pytest.raises(InputError, match="held out"):
+            check_training_path(next(p for p in shipped.rglob("*") if p.is_file()))
+    # Records from a Debian source package of the dev split (the data README's hash rule).
+    held = next(f"pkg{i}" for i in range(1000) if is_held_out_source(f"pkg{i}"))
+    kept = next(f"pkg{i}" for i in range(1000) if not is_held_out_source(f"pkg{i}"))
+    f = tmp_path / "debian-packages.jsonl"
+    f.write_text(json.dumps({"query": "q", "positive": "p", "source": kept}) + "\n")
+    assert len(read_debian_packages(f)) == 1
+    f.write_text(json.dumps({"query": "q", "positive": "p", "source": held}) + "\n")
+    with pytest.raises(InputError, match="reserved for dev"):
+        read_debian_packages(f)
 
 
 def test_config_formats_and_unknown_keys(tmp_path):

@@ -178,7 +178,7 @@ def test_distillation_only_texts_are_cached_and_learned(tmp_path, tiny_tokenizer
                                                                                  extra) + 0.05
 
 
-def test_distillation_only_texts_need_a_teacher_and_text_records(tmp_path):
+def test_distillation_only_texts_need_a_teacher_and_text_records(tmp_path, monkeypatch):
     from nvembed_sdk.train.data import read_distill_texts
 
     with pytest.raises(InputError, match="distill_texts"):
@@ -191,6 +191,7 @@ def test_distillation_only_texts_need_a_teacher_and_text_records(tmp_path):
     held_out = tmp_path / "dev" / "t.jsonl"
     held_out.parent.mkdir()
     held_out.write_text('{"text": "a dev text"}\n')
+    monkeypatch.setenv("NVEMBED_HELD_OUT", str(held_out.parent))  # stands in for ../shared/data/dev
     with pytest.raises(InputError, match="held out"):
         read_distill_texts([held_out])
     good = tmp_path / "good.jsonl"

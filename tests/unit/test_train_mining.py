@@ -108,12 +108,13 @@ def test_mine_cli_writes_records(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["dev", "calibration"])
-def test_mine_refuses_held_out_files(tmp_path, bad):
+def test_mine_refuses_held_out_files(tmp_path, bad, monkeypatch):
     from click.testing import CliRunner
 
     from nvembed_sdk.cli import main
 
     (tmp_path / bad).mkdir()
+    monkeypatch.setenv("NVEMBED_HELD_OUT", str(tmp_path / bad))  # stands in for ../shared/data/{dev,calibration}
     f = tmp_path / bad / "x.jsonl"
     f.write_text('{"query": "a", "positive": "b"}\n')
     res = CliRunner().invoke(main, ["mine", str(f), "-o", str(tmp_path / "o.jsonl")])

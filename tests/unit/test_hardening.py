@@ -1,0 +1,332 @@
+"""Issue 13: bad input, faults and misuse give one clear error (or the released behaviour), never
+NaN, a wrong model or a traceback. One test per cause."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from nvembed_sdk import Embedder
+from nvembed_sdk.cli import fail_cleanly, main
+from nvembed_sdk.config import PRESETS, NVEmbedConfig
+from nvembed_sdk.errors import ArtifactError, InputError, user_message
+from nvembed_sdk.text import TextPipeline
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "nvembed-debian-small"
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and res.output.startswith("error: "), res.output
+    assert res.output.count("\n") == 1, res.output
+    assert " | got " in res.output and ". Note: " in res.output, res.output
+    return res.output
+
+
+# ---- finite outputs or an error ------------------------------------------------------------------
+
+
+def test_instruction_merging_into_the_text_raises_naming_it_instead_of_nan():
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.skip("the shipped model is absent")
+    e = Embedder.load(SHIPPED, device="cpu")
+    # The issue's case: "especiall" + "y" merge, so the row is no longer than the instruction.
+    with pytest.raises(InputError, match="Instruct: especiall") as err:
+        e.embed(["a fine text", "y"], instruction="Instruct: especiall")
+    assert "texts [1]" in str(err.value)
+    v = e.embed(["y"], instruction="Instruct: especially ")  # the trailing space keeps a pool span
+    assert np.isfinite(v).all()
+
+
+def test_nan_weights_raise_naming_the_texts(tiny_checkpoint_copy):
+    path = tiny_checkpoint_copy / "model.safetensors"
+    tensors = load_file(path)
+    key = "latent_attention_model.cross_attend_blocks.1.fn.net.2.bias"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))  # bytes overwritten inside the file
+    save_file(tensors, path)
+    e = Embedder.load(tiny_checkpoint_copy, device="cpu")
+    with pytest.raises(ArtifactError, match=r"NaN/Inf for texts \[0, 1, 2\]"):
+        e.embed(["a", "b", "c"], batch_size=2)
+
+
+@pytest.mark.parametrize(("where", "key", "value", "needle"), [
+    ("text_config", "hidden_size", 256.0, "text_config.hidden_size | got 256.0"),
+    ("text_config", "num_key_value_heads", 0, "text_config.num_key_value_heads | got 0"),
+    ("text_config", "rope_theta", "ten thousand", "text_config.rope_theta | got 'ten thousand'"),
+    ("text_config", "rms_norm_eps", -1, "text_config.rms_norm_eps | got -1"),
+    ("text_config", "num_hidden_layers", True, "text_config.num_hidden_layers | got True"),
+    ("latent_attention_config", "num_latents_value", "16", "latent_attention_config.num_latents_value"),
+    (None, "text_config", [1, 2], "text_config | got a list"),
+    (None, "is_mask_instruction", "no", "is_mask_instruction | got 'no'"),
+])
+def test_config_values_are_checked_naming_the_field(tmp_path, where, key, value, needle):
+    d = copy.deepcopy(PRESETS["tiny-test"].to_dict())
+    (d[where] if where else d)[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError) as err:
+        NVEmbedConfig.from_file(tmp_path)
+    assert needle in str(err.value) and str(tmp_path / "config.json") in str(err.value)
+
+
+def test_manifest_field_types_are_checked():
+    from nvembed_sdk.manifest import check_manifest_types
+
+    good = {"kind": "onnx", "precision": "fp32", "model": {"dim": 64}, "text": {"max_length": 512}}
+    assert check_manifest_types(good, "nvembed.json") is good
+    with pytest.raises(ArtifactError, match=r"model\.dim \| got 'big'"):
+        check_manifest_types({**good, "model": {"dim": "big"}}, "nvembed.json")
+    with pytest.raises(ArtifactError, match=r"text\.max_length \| got 0"):
+        check_manifest_types({**good, "text": {"max_length": 0}}, "nvembed.json")
+
+
+def test_is_mask_instruction_false_pools_the_instruction(tiny_checkpoint_copy):
+    ins = "Instruct: Given a question, retrieve passages\nQuery: "
+    masked = Embedder.load(tiny_checkpoint_copy, device="cpu").embed("options", instruction=ins)
+    cfg = json.loads((tiny_checkpoint_copy / "config.json").read_text())
+    cfg["is_mask_instruction"] = False
+    (tiny_checkpoint_copy / "config.json").write_text(json.dumps(cfg))
+    e = Embedder.load(tiny_checkpoint_copy, device="cpu")
+    assert e.text.instruction_length(ins) == 0  # released encode(): instruction_lens = 0
+    unmasked = e.embed("options", instruction=ins)
+    # Same as pooling every position by hand (pool start 0).
+    ids = e.text.tokenize(["options"], ins)
+    ref = e.runner.run(e.text.collate(ids, 0))
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(unmasked, ref[0], atol=1e-6)
+    assert float(masked @ unmasked) < 0.9999
+
+
+def test_max_length_above_the_positions_is_refused(tiny_checkpoint):
+    e = Embedder.load(tiny_checkpoint, device="cpu")
+    positions = e.manifest["model"]["max_position_embeddings"]
+    with pytest.raises(InputError, match=f"at most the model's {positions} positions"):
+        e.embed(["a"], max_length=positions + 1)
+    assert e.embed("a", max_length=positions).shape == (e.dim,)
+
+
+def test_wrong_layer_count_is_named_as_such(tiny_checkpoint_copy):
+    cfg = json.loads((tiny_checkpoint_copy / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 3
+    (tiny_checkpoint_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="num_hidden_layers | got 3.*hold 2 decoder layers"):
+        Embedder.load(tiny_checkpoint_copy, device="cpu")
+
+
+# ---- typed backend options -----------------------------------------------------------------------
+
+
+def test_unknown_or_mistyped_options_list_the_valid_ones(tiny_checkpoint):
+    with pytest.raises(InputError, match="'precison'.*valid options: model .*precision"):
+        Embedder.load(tiny_checkpoint, precison="fp16")
+    with pytest.raises(InputError, match="precision | got 'fp64'"):
+        Embedder.load(tiny_checkpoint, precision="fp64")
+    with pytest.raises(InputError, match="device | got 'tpu'"):
+        Embedder.load(tiny_checkpoint, device="tpu")
+    with pytest.raises(InputError, match=r"backend \| got 'foo'.*onnxruntime"):
+        Embedder.load(tiny_checkpoint, backend="foo")
+
+
+def test_onnxruntime_options_are_typed(tmp_path):
+    from nvembed_sdk.runtimes.ort import OrtBackend
+
+    with pytest.raises(InputError, match="intra_op_num_threads | got 'two'"):
+        OrtBackend(tmp_path, intra_op_num_threads="two")
+    with pytest.raises(InputError, match="providers | got 'CPUExecutionProvider' \\(str\\)"):
+        OrtBackend(tmp_path, providers="CPUExecutionProvider")
+    with pytest.raises(InputError, match="graph_optimization_level"):
+        OrtBackend(tmp_path, graph_optimization_level="max")
+    ok = OrtBackend(tmp_path, providers=["CPUExecutionProvider"], intra_op_num_threads=2)
+    assert ok.options == {"providers": ["CPUExecutionProvider"], "intra_op_num_threads": 2}
+
+
+# ---- parity budgets and top-k ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, 2.0, float("nan")])
+def test_parity_budget_must_be_in_0_1(bad):
+    from nvembed_sdk.parity import Tolerance
+
+    with pytest.raises(InputError, match="min_cosine"):
+        Tolerance(bad, 0.9)
+
+
+def test_parity_lowers_top_k_with_few_texts_so_unrelated_models_fail():
+    from nvembed_sdk.parity import Tolerance, compare_arrays
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 16)), rng.normal(size=(10, 16))  # two unrelated "models"
+    qa, qb = rng.normal(size=(10, 16)), rng.normal(size=(10, 16))
+    report = compare_arrays(a, b, queries=(qa, qb), tolerance=Tolerance(0.01, 0.9), k=10)
+    assert report.k == 5 and any("top-k lowered from 10 to 5" in n for n in report.notes)
+    assert report.topk_agreement < 0.9 and not report
+    with pytest.raises(InputError, match="parity texts"):
+        compare_arrays(a[:1], b[:1], queries=(qa[:1], qb[:1]), k=10)
+
+
+def test_parity_cli_refuses_a_bad_budget(tiny_checkpoint):
+    res = CliRunner().invoke(main, ["parity", str(tiny_checkpoint), str(tiny_checkpoint), "--min-cosine", "-1"])
+    assert "min_cosine | got -1.0" in _one_line_error(res)
+
+
+# ---- the CLI: one line for every failure ---------------------------------------------------------
+
+
+def test_lone_surrogates_in_argv_text_are_one_line(tiny_checkpoint):
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--text", "caf\udce9"])
+    assert "lone surrogate" in _one_line_error(res)
+
+
+def test_file_that_is_not_utf8_names_the_file_and_line(tiny_checkpoint, tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--file", str(f)])
+    assert f"{f}:2 | got bytes that are not UTF-8" in _one_line_error(res)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 10)
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--file", str(binary)])
+    assert "binary file" in _one_line_error(res)
+
+
+def test_os_errors_are_one_line(tmp_path):
+    regular = tmp_path / "a_file"
+    regular.write_text("x")
+
+    @click.command()
+    @click.argument("out")
+    @fail_cleanly
+    def write(out: str) -> None:
+        Path(out).write_text("result")
+
+    res = CliRunner().invoke(write, [str(regular / "out.json")])  # a path under a regular file
+    assert "ENOTDIR" in _one_line_error(res) and "regular file" in res.output
+    if Path("/dev/full").exists():  # a full disk
+        res = CliRunner().invoke(write, ["/dev/full"])
+        assert "ENOSPC" in _one_line_error(res) and "free disk space" in res.output
+    # Read-only file systems cannot be made here (tests run as root); the mapping is checked.
+    msg = user_message(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"))
+    assert msg is not None and msg.startswith("/mnt/ro/x | got Read-only file system (EROFS)")
+    assert user_message(KeyError("a bug")) is None  # bugs keep their traceback
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("NVEMBED_DEBUG", raising=False)
+    missing = str(tmp_path / "missing")
+    res = CliRunner().invoke(main, ["--debug", "info", missing])
+    assert res.exit_code == 1 and isinstance(res.exception, ArtifactError)
+    monkeypatch.delenv("NVEMBED_DEBUG", raising=False)
+    res = CliRunner().invoke(main, ["info", missing])
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    _one_line_error(res)
+    monkeypatch.setenv("NVEMBED_DEBUG", "1")
+    res = CliRunner().invoke(main, ["info", missing])
+    assert isinstance(res.exception, ArtifactError)
+
+
+def test_embed_query_means_a_query_text(tiny_checkpoint):
+    e = Embedder.load(tiny_checkpoint, device="cpu")
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--device", "cpu", "--text", "a passage",
+                                    "--query", "find it", "--json"])
+    assert res.exit_code == 0, res.output
+    vecs = np.array(json.loads(res.output)["embeddings"])
+    assert vecs.shape == (2, e.dim)
+    np.testing.assert_allclose(vecs[0], e.embed_documents("a passage"), atol=1e-6)
+    np.testing.assert_allclose(vecs[1], e.embed_queries("find it"), atol=1e-6)
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--query", "q", "--instruction", "Instruct: x"])
+    assert "--instruction" in _one_line_error(res)
+    res = CliRunner().invoke(main, ["embed", str(tiny_checkpoint), "--device", "cpu", "--text", "word",
+                                    "--task", "Define it", "--json"])
+    got = np.array(json.loads(res.output)["embeddings"][0])
+    np.testing.assert_allclose(got, e.embed_queries("word", task="Define it"), atol=1e-6)
+
+
+def test_bench_batch_size_zero_is_a_clean_error(tiny_checkpoint):
+    res = CliRunner().invoke(main, ["bench", str(tiny_checkpoint), "--batch-size", "0"])
+    assert "bench | got Invalid value for '--batch-size': 0" in _one_line_error(res)
+    res = CliRunner().invoke(main, ["embed"])  # any usage error: one line, exit 1
+    assert "Missing argument" in _one_line_error(res)
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 2 and "Commands:" in res.output
+
+
+def test_export_refuses_a_bad_opset_before_any_work(tiny_checkpoint, tmp_path):
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx", "--opset", "99",
+                                    "--output", str(tmp_path / "out")])
+    assert "--opset | got 99" in _one_line_error(res)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["info", "embed", "export", "parity", "bench", "train", "mine", "eval",
+                                     "tokenizer", "tokenizer train"])
+def test_every_subcommand_help_has_an_example(command):
+    res = CliRunner().invoke(main, [*command.split(), "--help"])
+    assert res.exit_code == 0 and "Example" in res.output and "nvembed" in res.output.split("Example", 1)[1]
+
+
+# ---- calibration files ----------------------------------------------------------------------------
+
+
+def test_small_binary_or_list_calibration_files_are_refused(tmp_path):
+    from nvembed_sdk.textsets import check_calibration_texts, read_texts
+
+    two = tmp_path / "two.txt"
+    two.write_text("one text\nanother text\n")
+    with pytest.raises(InputError, match="2 texts.*at least 16"):
+        check_calibration_texts(read_texts(two), two)
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text('["a", "b"]\n')
+    with pytest.raises(InputError, match=r"lists.jsonl:1 \| got a JSON list"):
+        read_texts(lists)
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="binary file"):
+        read_texts(blob)
+
+
+def test_small_calibration_file_fails_before_the_export(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("modelopt.onnx.quantization")
+    two = tmp_path / "two.txt"
+    two.write_text("one text\nanother text\n")
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx", "--precision", "int8",
+                                    "--calibration", str(two), "--output", str(tmp_path / "out")])
+    assert "2 texts" in _one_line_error(res)
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def test_phases_and_progress_lines():
+    from nvembed_sdk.progress import Phases, progress
+
+    lines: list[str] = []
+    phases = Phases("export int8", total=2, log=lines.append)
+    with phases.phase("trace"):
+        pass
+    with pytest.raises(RuntimeError), phases.phase("calibrate"):
+        raise RuntimeError("x")
+    assert lines[0] == "[export int8 1/2] trace ..." and lines[1].startswith("[export int8 1/2] trace done in")
+    assert lines[-1].startswith("[export int8 2/2] calibrate failed after")
+    out: list[str] = []
+    assert list(progress(range(5), "calibrate", log=out.append, tty=False, every=0.0)) == list(range(5))
+    assert out[-1].startswith("calibrate: 5/5 done") and len(out) == 6
+
+
+def test_text_pipeline_refuses_an_empty_pool_span_directly(tiny_tokenizer_dir):
+    from nvembed_sdk.text import check_pool_spans
+
+    check_pool_spans([[1, 2, 3]], 2, "ins")
+    with pytest.raises(InputError, match="texts \\[1\\]"):
+        check_pool_spans([[1, 2, 3], [1, 2]], 2, "ins")
+    pipe = TextPipeline(tiny_tokenizer_dir)
+    assert math.isfinite(pipe.instruction_length("Instruct: x\nQuery: "))
