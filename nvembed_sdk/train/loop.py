@@ -401,6 +401,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         model = build_model(cfg, text.vocab_size, device)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg)
+    fsdp = None
+    if cfg.distributed == "fsdp":  # shard before the optimiser sees the parameters
+        from nvembed_sdk.train import fsdp
+
+        fsdp.check_config(cfg, dist_.world)
+        model = fsdp.shard(model)
     if state is not None and cfg.lora.enabled:
         missing = set(state["trainable"]) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -425,7 +431,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if fsdp is None:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            fsdp.load_optimizer(model, opt, state["optimizer"])  # full state in, this rank's shard kept
         sched.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history, evals = state.get("history", []), state.get("evals", [])
@@ -465,14 +474,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         return fn
 
     def save_checkpoint() -> None:
+        full, full_opt = fsdp.gather(model, opt) if fsdp is not None else (None, None)  # every rank takes part
         if not dist_.main:
             return
         trainable = ({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
                      if cfg.lora.enabled else {})
-        extra = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": opt.state_dict(),
+        optim_state = full_opt if fsdp is not None else opt.state_dict()
+        extra = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optim_state,
                  "scheduler": sched.state_dict(), "rng": _rng_states(), "trainable": trainable,
                  "history": history, "evals": evals, "train_config": cfg.to_dict()}
-        write_model_dir(model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra)
+        write_model_dir(full or model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra)
         for old in checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -542,8 +553,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             extra_loss = cfg.embed_distill_weight * embedding_distill_loss(embed(enc), tx, fx)
             extra_loss.backward()
             step_loss += float(extra_loss.detach())
-        dist_.sum_grads(params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+        if fsdp is None:
+            dist_.sum_grads(params)  # FSDP has reduce-scattered them (summed) during backward
+        clip = fsdp.clip_grad_norm if fsdp is not None else torch.nn.utils.clip_grad_norm_
+        grad_norm = float(clip(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
         opt.step()
         sched.step()
         step += 1
@@ -578,8 +591,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     run_eval()
     save_checkpoint()
     final = out / "final"
+    full = fsdp.gather(model)[0] if fsdp is not None else None
     if dist_.main:
-        write_model_dir(model, final, text, cfg, cfg.save_dtype)
+        write_model_dir(full or model, final, text, cfg, cfg.save_dtype)
         (final / "training_summary.json").write_text(json.dumps({"history": history, "evals": evals}, indent=1),
                                                      encoding="utf-8")
         log(f"done: {step} steps; final model{' (LoRA merged)' if cfg.lora.enabled else ''} in {final}")
