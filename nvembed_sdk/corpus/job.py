@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,11 @@ class CorpusJob:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def absolute(self) -> CorpusJob:
+        """The same job with absolute paths (workers on other machines, or in other directories)."""
+        return replace(self, input=str(Path(self.input).resolve()), output=str(Path(self.output).resolve()),
+                       artifact=str(Path(self.artifact).resolve()))
 
 
 def _kind(artifact: str) -> str:
@@ -183,11 +188,12 @@ def default_batch_size(embedder: Any, requested: int | None) -> int:
 class PartEmbedder:
     """One :class:`Embedder` that embeds tokenised parts and writes them (a Ray actor holds one)."""
 
-    def __init__(self, job: CorpusJob, embedder: Any = None) -> None:
+    def __init__(self, job: CorpusJob, embedder: Any = None, sha256: str | None = None) -> None:
         self.job = job
         self.embedder = embedder if embedder is not None else job.load_embedder()
         self.batch_size = default_batch_size(self.embedder, job.batch_size)
-        self.meta = {"artifact": str(job.artifact), "artifact_sha256": artifact_sha256(job.artifact),
+        # the driver hashes the artifact once and hands the digest to every worker
+        self.meta = {"artifact": str(job.artifact), "artifact_sha256": sha256 or artifact_sha256(job.artifact),
                      "backend": self.embedder.backend, "precision": self.embedder.precision,
                      "device": self.embedder.device, "instruction": job.instruction}
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nvembed_sdk.corpus.job import CorpusJob, PartEmbedder, plan, tokenize_part
+from nvembed_sdk.corpus.job import CorpusJob, PartEmbedder, artifact_sha256, plan, tokenize_part
 from nvembed_sdk.corpus.source import Part
 from nvembed_sdk.corpus.store import finalize
 from nvembed_sdk.errors import InputError, fmt
@@ -53,11 +53,11 @@ def _tokenize_batch(batch: Any, job: CorpusJob) -> Any:
 class _EmbedActor:
     """One embedding worker of the pool: loads the artifact once, then embeds and writes parts."""
 
-    def __init__(self, job: CorpusJob, threads: int) -> None:
+    def __init__(self, job: CorpusJob, threads: int, sha256: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self.worker = PartEmbedder(job)
+        self.worker = PartEmbedder(job, sha256=sha256)
 
     def __call__(self, batch: Any) -> Any:
         import os
@@ -127,6 +127,7 @@ def run_ray(job: CorpusJob, address: str | None = None, workers: int = 1, gpus_p
         The written ``_index.json`` plus ``{"seconds", "texts_per_s", "embedded", "workers"}``.
     """
     ray = _require_ray()
+    job = job.absolute()
     t_connect = time.perf_counter()
     resources = connect(address)
     cpus = worker_resources(resources, workers, gpus_per_worker, cpus_per_worker, tokenize_cpus)
@@ -146,9 +147,10 @@ def run_ray(job: CorpusJob, address: str | None = None, workers: int = 1, gpus_p
         ds = ray.data.from_items([{"part": json.dumps(p.to_dict())} for p in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_tokenize_batch, fn_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
                             num_cpus=tokenize_cpus)
-        ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"job": job, "threads": threads}, batch_size=1,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_cpus=cpus, num_gpus=gpus_per_worker or None)
+        actor_args = {"job": job, "threads": threads, "sha256": artifact_sha256(job.artifact)}
+        ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs=actor_args, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
+                            num_gpus=gpus_per_worker or None)
         bar = None
         if show_progress:
             from tqdm.auto import tqdm
