@@ -47,7 +47,9 @@ def train(config: str, resume: bool, output_dir: str | None, max_steps: int | No
     scratch model can start from its embeddings of the vocabulary pieces ("init_token_embeddings").
     Checkpoints go to OUTPUT_DIR/checkpoints/step-N (released layout + trainer_state.pt,
     written atomically), the final model (LoRA merged) to OUTPUT_DIR/final, logs to
-    OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG.
+    OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG;
+    with "distributed": "fsdp" the same command shards weights, gradients and optimiser state
+    (FSDP2) for full fine-tuning of models whose replicas do not fit (docs/scale-out.md).
 
     \b
     Example (two stages, the second from the first's final model):

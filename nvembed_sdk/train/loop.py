@@ -10,6 +10,8 @@ Data-parallel: launch with ``torchrun --nproc-per-node N $(which nvembed) train 
 rank builds the same global batch and embeds its contiguous shard; embeddings are gathered
 (the local shard keeps its graph) so in-batch negatives span the global batch, every rank
 computes the same global loss, and summing the ranks' gradients gives exactly its gradient.
+With ``"distributed": "fsdp"`` the same maths runs on a model sharded by
+:mod:`nvembed_sdk.train.fsdp` (FSDP2); its hooks here are marked ``fsdp``.
 """
 
 from __future__ import annotations
