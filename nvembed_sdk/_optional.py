@@ -15,6 +15,8 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "tensorrt": ("tensorrt", "10.3", "on Jetson, TensorRT comes with JetPack"),
     "modelopt": ("quant", "0.40", "package nvidia-modelopt[onnx]"),
     "peft": ("train", "0.12", ""),
+    "ray": ("ray", "2.40", "ray[data,serve]"),
+    "pyarrow": ("ray", "14", ""),
 }
 
 

@@ -247,3 +247,30 @@ class Embedder:
     def embed_documents(self, texts: str | Sequence[str], **kwargs: Any) -> np.ndarray:
         """Embed passages: no instruction, BOS..EOS pooled (see :meth:`embed`)."""
         return self.embed(texts, instruction="", **kwargs)
+
+    def embed_tokenized(self, ids: Sequence[Sequence[int]], pool_start: int = 0, batch_size: int = 32,
+                        normalize: bool = True) -> np.ndarray:
+        """Embed rows that ``self.text.tokenize`` already produced (e.g. a Ray CPU stage).
+
+        Args:
+            ids: token ids per row, from ``self.text.tokenize(texts, instruction, max_length)``.
+            pool_start: ``self.text.instruction_length(instruction)``; those leading positions
+                leave the pool (``TextPipeline.collate`` applies the rule). Defaults to 0 (passages).
+            batch_size: rows per forward pass, longest first. Defaults to 32.
+            normalize: L2-normalise. Defaults to True.
+
+        Returns:
+            float32 array (N, dim) in row order.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(fmt("batch_size", batch_size, "an int >= 1"))
+        if not normalize and self._backend.normalizes_output:
+            raise InputError(fmt("normalize=False", f"the {self.backend} artifact", "the torch backend"))
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        order = np.argsort([-len(r) for r in ids], kind="stable")  # longest first
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            out[idx] = self._backend.run(self.text.collate([ids[i] for i in idx], pool_start))
+        if normalize and len(out):
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out

@@ -27,11 +27,13 @@ def _echo(line: str) -> None:
 @click.option("--max-steps", type=int, default=None, help="Override the config's max_steps.")
 @click.option("--max-minutes", type=float, default=None, help="Stop with a checkpoint after this wall time.")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads for this process.")
+@click.option("--stop-after-steps", type=int, default=None,
+              help="Stop with a checkpoint (no final/) after this many steps, as an interruption would.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
               help='Override a top-level key, the value parsed as JSON, e.g. --set lr=1e-4 --set in_batch_negatives=false.')
 @fail_cleanly
 def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, max_steps: int | None, max_minutes: float | None,
-          num_threads: int | None, sets: tuple[str, ...]) -> None:
+          num_threads: int | None, stop_after_steps: int | None, sets: tuple[str, ...]) -> None:
     """Train one stage of NV-Embed contrastive instruction tuning from a CONFIG file (JSON, YAML or TOML).
 
     \b
@@ -47,7 +49,9 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
     scratch model can start from its embeddings of the vocabulary pieces ("init_token_embeddings").
     Checkpoints go to OUTPUT_DIR/checkpoints/step-N (released layout + trainer_state.pt,
     written atomically), the final model (LoRA merged) to OUTPUT_DIR/final, logs to
-    OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG.
+    OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG;
+    with "distributed": "fsdp" the same command shards weights, gradients and optimiser state
+    (FSDP2) for full fine-tuning of models whose replicas do not fit (docs/scale-out.md).
 
     \b
     Example (two stages, the second from the first's final model):
@@ -76,7 +80,7 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
         if value is not None:
             overrides[key] = value
     cfg = TrainConfig.from_file(config, overrides)
-    run(cfg, resume=resume, log=_echo, overwrite=overwrite)
+    run(cfg, resume=resume, stop_after_steps=stop_after_steps, log=_echo, overwrite=overwrite)
 
 
 @click.command("mine")

@@ -201,6 +201,9 @@ class TrainConfig:
         bf16: bf16 autocast on CUDA. Defaults to True (ignored on CPU).
         save_dtype: dtype of the final checkpoint. Defaults to float32.
         max_length: ``max_length`` recorded in the saved config. Defaults to None (keep).
+        distributed: multi-rank strategy under torchrun: ``ddp`` (replicas, gradients summed) or
+            ``fsdp`` (FSDP2 shards weights, gradients and optimiser state; full fine-tuning of
+            models whose replicas do not fit, ``nvembed_sdk.train.fsdp``). Defaults to ddp.
     """
 
     output_dir: str
@@ -247,6 +250,7 @@ class TrainConfig:
     bf16: bool = True
     save_dtype: str = "float32"
     max_length: int | None = None
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         check_fields(self, "train config ")
@@ -295,6 +299,7 @@ class TrainConfig:
              "must be >= 1"),
             (not self.distill_texts or not self.gradcache_chunk, "distill_texts", list(self.distill_texts),
              "not combined with gradcache_chunk"),
+            (self.distributed in ("ddp", "fsdp"), "distributed", repr(self.distributed), "'ddp' or 'fsdp'"),
         ]
         for ok, name, got, expected in checks:
             if not ok:

@@ -10,6 +10,8 @@ Data-parallel: launch with ``torchrun --nproc-per-node N $(which nvembed) train 
 rank builds the same global batch and embeds its contiguous shard; embeddings are gathered
 (the local shard keeps its graph) so in-batch negatives span the global batch, every rank
 computes the same global loss, and summing the ranks' gradients gives exactly its gradient.
+With ``"distributed": "fsdp"`` the same maths runs on a model sharded by
+:mod:`nvembed_sdk.train.fsdp` (FSDP2); its hooks here are marked ``fsdp``.
 """
 
 from __future__ import annotations
@@ -473,6 +475,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         model = build_model(cfg, text.vocab_size, device)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg)
+    fsdp = None
+    if cfg.distributed == "fsdp":  # shard before the optimiser sees the parameters
+        from nvembed_sdk.train import fsdp
+
+        fsdp.check_config(cfg, dist_.world)
+        model = fsdp.shard(model)
     if state is not None and cfg.lora.enabled:
         missing = set(state["trainable"]) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -499,7 +507,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     run_id = str((state or {}).get("run_id") or (run_id_of(ckpts[-1]) if ckpts else None) or uuid.uuid4().hex)
     last_good: list[Path] = list(ckpts[-1:])
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if fsdp is None:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            fsdp.load_optimizer(model, opt, state["optimizer"])  # full state in, this rank's shard kept
         sched.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history, evals = state.get("history", []), state.get("evals", [])
@@ -539,16 +550,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         return fn
 
     def save_checkpoint() -> None:
+        full, full_opt = fsdp.gather(model, opt) if fsdp is not None else (None, None)  # every rank takes part
         if not dist_.main:
             return
         trainable = ({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
                      if cfg.lora.enabled else {})
-        extra = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": opt.state_dict(),
+        optim_state = full_opt if fsdp is not None else opt.state_dict()
+        extra = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optim_state,
                  "scheduler": sched.state_dict(), "rng": _rng_states(), "trainable": trainable,
                  "history": history, "evals": evals, "train_config": cfg.to_dict(), "run_id": run_id}
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not all(bool(torch.isfinite(p).all()) for p in (full.parameters() if full is not None else params)):
             check_finite_step(step, float("nan"), float("nan"), last_good[-1] if last_good else None)
-        write_model_dir(model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra, run_id)
+        write_model_dir(full or model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra, run_id)
         last_good[:] = [out / "checkpoints" / f"step-{step:06d}"]
         ours = [c for c in checkpoint_dirs(out) if run_id_of(c) == run_id]
         for old in ours[: -cfg.keep_checkpoints]:
@@ -620,8 +633,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             extra_loss = cfg.embed_distill_weight * embedding_distill_loss(embed(enc), tx, fx)
             extra_loss.backward()
             step_loss += float(extra_loss.detach())
-        dist_.sum_grads(params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+        if fsdp is None:
+            dist_.sum_grads(params)  # FSDP has reduce-scattered them (summed) during backward
+        clip = fsdp.clip_grad_norm if fsdp is not None else torch.nn.utils.clip_grad_norm_
+        grad_norm = float(clip(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
         check_finite_step(step + 1, step_loss, grad_norm, last_good[-1] if last_good else None)
         opt.step()
         sched.step()
@@ -657,8 +672,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     run_eval()
     save_checkpoint()
     final = out / "final"
+    full = fsdp.gather(model)[0] if fsdp is not None else None
     if dist_.main:
-        write_model_dir(model, final, text, cfg, cfg.save_dtype)
+        write_model_dir(full or model, final, text, cfg, cfg.save_dtype)
         (final / "training_summary.json").write_text(json.dumps({"history": history, "evals": evals}, indent=1),
                                                      encoding="utf-8")
         log(f"done: {step} steps; final model{' (LoRA merged)' if cfg.lora.enabled else ''} in {final}")

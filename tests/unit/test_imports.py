@@ -24,6 +24,13 @@ def test_import_is_light():
     assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
 
 
+def test_corpus_and_scale_out_modules_are_light():
+    # ray and pyarrow load only when a corpus job runs
+    loaded = _loaded_after("import nvembed_sdk.corpus, nvembed_sdk.corpus.ray_job, nvembed_sdk.cli_corpus, "
+                           "nvembed_sdk.train.fsdp")
+    assert not {"ray", "pyarrow", *HEAVY} & set(loaded), {"ray", "pyarrow", *HEAVY} & set(loaded)
+
+
 def test_every_submodule_imports_without_extras():
     code = """
 import importlib, pkgutil, nvembed_sdk, nvembed_sdk.exporters, nvembed_sdk.runtimes
@@ -32,7 +39,7 @@ for pkg in (nvembed_sdk, nvembed_sdk.exporters, nvembed_sdk.runtimes):
         importlib.import_module(info.name)
 """
     loaded = _loaded_after(code)
-    assert not {"onnxruntime", "tensorrt", "modelopt"} & set(loaded)
+    assert not {"onnxruntime", "tensorrt", "modelopt", "ray", "pyarrow"} & set(loaded)
 
 
 def test_mapped_packages_resolve_inside_nvembed_sdk():
