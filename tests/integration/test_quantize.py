@@ -163,4 +163,13 @@ def test_smoothing_is_exact_and_flattens_down_proj_inputs(tiny_model, tiny_check
 
 def test_int8_manifest_records_smoothing(int8_bundle):
     s = read_manifest(int8_bundle)["quantization"]["smoothing"]
-    assert s["alpha"] == 0.5 and len(s["outlier_ratio_before"]) == 2
+    # every projection group of both layers, each with its chosen strength (None: left unsmoothed)
+    assert sorted(s["per_layer"]) == sorted(f"{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down"))
+    for row in s["per_layer"].values():
+        assert row["alpha"] in (None, *s["alpha_grid"]) and row["error_after"] <= row["error_before"]
+
+
+def test_int8_default_is_the_onnxruntime_graph(int8_bundle):
+    m = read_manifest(int8_bundle)
+    assert m["plan"]["runtime"] == "onnxruntime" and m["graph"]["base_dtype"] == "fp32"
+    assert "modelopt" in m["quantization"]["tool"]
