@@ -91,15 +91,15 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
     for t in proto.graph.initializer:
         shapes[t.name] = tuple(t.dims)
 
+    init_type = {t.name: t.data_type for t in proto.graph.initializer}
+
+    def zp_type(node: Any) -> str:  # int8 or fp8, from the Q/DQ zero point (ORT hands fp8 back as bytes)
+        t = init_type.get(node.input[2]) if len(node.input) > 2 else None
+        return "fp8" if t in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2) else "int8"
+
     def qtype(name: str) -> str | None:  # the quantised type behind a DequantizeLinear output
         n = producer.get(name)
-        if n is None or n.op_type != "DequantizeLinear":
-            return None
-        src = n.input[0]
-        if src in values:
-            return _DTYPE.get(values[src].dtype, "fp8")
-        init = next(t for t in proto.graph.initializer if t.name == src)
-        return {TensorProto.INT8: "int8", TensorProto.UINT8: "int8"}.get(init.data_type, "fp8")
+        return zp_type(n) if n is not None and n.op_type == "DequantizeLinear" else None
 
     macs: dict[str, float] = defaultdict(float)
     gemm: dict[str, float] = defaultdict(float)
@@ -130,8 +130,8 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
                 continue
             if v.dtype.kind in "iu" and n.op_type != "QuantizeLinear":
                 continue
-            dtype = _DTYPE.get(v.dtype, "fp8") if n.op_type == "QuantizeLinear" else _DTYPE.get(v.dtype, str(v.dtype))
-            act[dtype] += v.nbytes if dtype != "fp8" else v.size
+            dtype = zp_type(n) if n.op_type == "QuantizeLinear" else _DTYPE.get(v.dtype, str(v.dtype))
+            act[dtype] += v.size if dtype in ("int8", "fp8") else v.nbytes
             if dtype == "fp32" and n.domain != "nvembed" and _in_island(n) is None:
                 outside.append(f"{o} ({n.op_type}, {_scope(n)[-60:]})")
 

@@ -274,8 +274,9 @@ def summarize_qdq(path: str | Path) -> dict[str, Any]:
 
 
 # The simulated min cosine (held-out calibration text, fp32 base) must clear the budget by this much:
-# measured on the shipped model, the fp16-base ONNX Runtime run sat 0.005 below the simulation.
-SIMULATED_MARGIN = 0.005
+# measured, the fp16-base ONNX Runtime run on held-out text sat 0.005 (shipped model) to 0.007 (a
+# tiny random model) below the simulation.
+SIMULATED_MARGIN = 0.008
 
 
 def export_quantized(

@@ -88,7 +88,8 @@ def _onnx(checkpoint: Path, work: Path, precision: str) -> Path:
     if precision in ("int8", "fp8"):
         quantize = pytest.importorskip("nvembed_sdk.exporters.quantize", reason="the quantiser is not written yet")
         if hasattr(quantize, "export_quantized"):
-            return Path(quantize.export_quantized(checkpoint, out, precision=precision))
+            # the TensorRT-bound graph (fp16 base), what `--to tensorrt` builds from
+            return Path(quantize.export_quantized(checkpoint, out, precision=precision, runtime="tensorrt"))
         if hasattr(quantize, "quantize_bundle"):
             return Path(quantize.quantize_bundle(_onnx(checkpoint, work, "fp32"), out, precision=precision))
         pytest.skip("nvembed_sdk.exporters.quantize has neither export_quantized nor quantize_bundle")
