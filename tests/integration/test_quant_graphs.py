@@ -144,20 +144,21 @@ def test_int8_keeps_budget_with_massive_activations(massive, tmp_path):
     assert_tensorrt_graph(out, "int8", strict_macs=False)
 
 
-def test_sensitivity_fallback_keeps_fewest_projections(massive, tmp_path, monkeypatch):
-    """Without smoothing the massive channels break per-tensor INT8; the fallback names and keeps the culprits."""
-    from nvembed_sdk.exporters import smooth
-
-    monkeypatch.setattr(smooth, "ALPHAS", ())  # only "no smoothing" remains a candidate
-    out = export(massive, tmp_path / "fb", to="onnx", precision="int8", runtime="tensorrt", calibration_size=64)
-    q = read_manifest(out)["quantization"]
+def test_sensitivity_fallback_keeps_fewest_projections(trt_bundles):
+    """The tiny random model misses the budget with every projection INT8 (its near-uniform attention
+    makes the o_proj inputs shrink with length); the export ranks the projections and keeps the
+    fewest costly ones in fp16, saying which, and then passes."""
+    m = read_manifest(trt_bundles["int8"])
+    q = m["quantization"]
     fb = q["fallback"]
     kept = fb["kept_high_precision"]
-    assert kept and len(kept) <= len(fb["sensitivity"])
-    assert kept == [r["projection"] for r in fb["sensitivity"][: len(kept)]]  # costliest first
-    assert fb["simulated_min_cosine"] >= fb["target"] > q["simulated_min_cosine"] - 1  # recorded
+    assert kept and fb["dtype"] == "fp16"
+    assert kept == [r["projection"] for r in fb["sensitivity"][: len(kept)]]  # costliest first, fewest that work
+    gains = [r["gain"] for r in fb["sensitivity"]]
+    assert gains == sorted(gains, reverse=True)
+    assert fb["simulated_min_cosine"] >= fb["target"]
     assert len(q["quantized_matmuls"]) == 14 - len(kept)
-    assert read_manifest(out)["validation"]["passed"]
+    assert m["validation"]["passed"]
 
 
 @pytest.mark.slow
