@@ -1,19 +1,25 @@
-"""INT8 / FP8 explicit-Q/DQ bundles with NVIDIA ModelOpt's ONNX PTQ, calibrated on real text.
+"""INT8 / FP8 explicit-Q/DQ bundles, calibrated on real text, one graph per runtime target.
 
 TensorRT 10.1+ deprecated (and 11 removed) implicit INT8 calibration and the precision builder
-flags: precision comes from the graph. So the product here is a quantised ONNX bundle:
+flags: precision comes from the graph. So the product here is a quantised ONNX bundle, made for
+the runtime the precision plan (exporters/plan.py) names:
 
-* the fp32 graph is exported at the target opset (20 for INT8, Orin's TensorRT 10.3 parses it;
+* ``runtime="onnxruntime"`` (INT8 default): the fp32 graph with ModelOpt ONNX PTQ Q/DQ, the
+  form ONNX Runtime's CPU integer kernels are fastest on;
+* ``runtime="tensorrt"`` (FP8 default, and every engine): the fp16 graph with its fp32 islands
+  (RMSNorm statistics, scores/softmax, RoPE tables, the head) and SDK-placed Q/DQ
+  (exporters/qdq.py), what a strongly typed TensorRT build needs;
+* the graph is exported at the target opset (20 for INT8, Orin's TensorRT 10.3 parses it;
   21 for FP8), so ModelOpt never converts opsets (its converter drops the ``nvembed`` domain);
 * calibration batches come from the SDK's own text pipeline: queries with the NV-Embed
   instruction and passages without, sorted by length so batches cover short to long;
-* only the weight MatMul/Gemm (q/k/v/o, gate/up/down projections) get Q/DQ (INT8 per-channel
-  weights, per-tensor activations; FP8 E4M3 per-tensor). Attention BMMs, RMSNorm, softmax,
-  residual adds and the whole ``nvembed::LatentAttentionPool``
-  head (LayerNorms, latent attention, pooling, normalisation) stay fp32: the head's local
-  function lets ONNX Runtime inline it during calibration on a CPU, and the node gets no Q/DQ;
+* only the decoder projection MatMuls (q/k/v/o, gate/up/down) get Q/DQ: per-channel (per output
+  channel) weight scales and per-tensor static activation scales, INT8 or FP8 E4M3. Attention
+  BMMs, RMSNorm, softmax, residual adds and the ``nvembed::LatentAttentionPool`` head get none;
+* INT8 smooths every projection input first and, when a fake-quantised pass misses the budget,
+  keeps the fewest costly projections in high precision (exporters/smooth.py);
 * the accuracy report against fp32 PyTorch on held-out text goes into ``nvembed.json``; outside
-  the README budget the export fails unless ``force``.
+  the README budget the export fails (with the sensitivity ranking) unless ``force``.
 
 Memory: ModelOpt loads the model several times and runs an augmented graph; a 7B model needs
 the GPU host (128 GiB RAM), not a 24 GiB CPU box.
@@ -187,6 +193,7 @@ def quantize_onnx(
     batches: list[Batch],
     calibration_method: str = "max",
     eps: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run ModelOpt PTQ on an fp32 ONNX graph; returns a summary of what was quantised.
 
@@ -197,6 +204,7 @@ def quantize_onnx(
         batches: calibration batches (:func:`calibration_batches`).
         calibration_method: ``max`` or ``entropy``. Defaults to max.
         eps: ONNX Runtime providers for calibration. Defaults to CUDA when usable, else CPU.
+        exclude: node-name regexes kept in high precision (the sensitivity fallback). Defaults to none.
     """
     require("onnxruntime")
     require("modelopt")
@@ -222,7 +230,7 @@ def quantize_onnx(
             # fp32 keeps the non-quantised graph (and the custom-op head) as is; ModelOpt's fp16
             # AutoCast step needs TensorRT to classify custom ops (tensorrt-modelopt.md §1.2).
             high_precision_dtype="fp32", op_types_to_quantize=QUANTIZED_OP_TYPES,
-            nodes_to_exclude=[HEAD_NODE_PATTERN], output_path=str(output_path),
+            nodes_to_exclude=[HEAD_NODE_PATTERN, *exclude], output_path=str(output_path),
             # Attention BMMs (QK^T, PV) stay fp32: ModelOpt's INT8 MHA Q/DQ collapsed the
             # embeddings (per-row cosine < 0 on a test model) while weight GEMMs alone keep 0.999.
             disable_mha_qdq=True, log_level="WARNING",
@@ -265,6 +273,12 @@ def summarize_qdq(path: str | Path) -> dict[str, Any]:
     }
 
 
+# The simulated min cosine (held-out calibration text, fp32 base) must clear the budget by this much:
+# measured, the fp16-base ONNX Runtime run on held-out text sat 0.005 (shipped model) to 0.007 (a
+# tiny random model) below the simulation.
+SIMULATED_MARGIN = 0.008
+
+
 def export_quantized(
     model: str | Path,
     output: str | Path,
@@ -277,8 +291,19 @@ def export_quantized(
     force: bool = False,
     calibration_method: str = "max",
     texts: list[str] | None = None,
+    runtime: str | None = None,
+    fallback: bool = True,
+    fp8_attention: bool | None = None,
 ) -> Path:
-    """Export a checkpoint to an INT8 or FP8 explicit-Q/DQ ONNX bundle.
+    """Export a checkpoint to an INT8 or FP8 explicit-Q/DQ ONNX bundle for one runtime.
+
+    ``runtime="onnxruntime"`` (int8 default): fp32 graph, Q/DQ by ModelOpt ONNX PTQ (ONNX
+    Runtime's CPU integer kernels are fastest on it). ``runtime="tensorrt"`` (fp8 default): the
+    fp16 graph with fp32 islands and Q/DQ on the decoder GEMMs (:mod:`exporters.qdq`), what a
+    strongly typed TensorRT build needs. INT8 first smooths every decoder projection input
+    (:func:`~nvembed_sdk.exporters.smooth.smooth_decoder`). When a fake-quantised forward pass
+    on the calibration text misses the budget, the projections are ranked by cost and, with
+    ``fallback``, the fewest of them that bring it back are kept in high precision.
 
     Args:
         model: checkpoint directory.
@@ -290,84 +315,210 @@ def export_quantized(
         max_length: text max length recorded in the manifest. Defaults to the checkpoint's.
         validate: accuracy report vs fp32 PyTorch on held-out text. Defaults to True.
         force: keep the bundle even when the report is outside the budget. Defaults to False.
-        calibration_method: ``max`` or ``entropy``. Defaults to max.
+        calibration_method: ``max`` or ``entropy`` (ModelOpt, onnxruntime graphs). Defaults to max.
         texts: held-out validation texts. Defaults to the shipped validation split.
+        runtime: ``onnxruntime`` or ``tensorrt``. Defaults to the plan's (int8: onnxruntime, fp8: tensorrt).
+        fallback: keep the costliest projections in high precision when the budget is missed.
+            Defaults to True.
+        fp8_attention: reserved for FP8 Q/DQ on the attention BMMs; True is refused (not built yet).
+            Defaults to None (attention BMMs stay fp16).
 
     Returns:
         The bundle directory.
 
     Raises:
-        ToleranceExceeded: outside the budget and not ``force``.
+        ToleranceExceeded: outside the budget and not ``force`` (the message carries the
+            per-projection sensitivity report).
         BackendUnavailableError: onnxruntime or modelopt missing.
     """
     from nvembed_sdk.exporters.onnx_export import export_onnx
+    from nvembed_sdk.exporters.plan import make_plan
     from nvembed_sdk.exporters.validate import validate_export
+    from nvembed_sdk.parity import tolerance_for
 
     if precision not in QUANT_PRECISIONS:
         raise InputError(fmt("precision", repr(precision), f"one of {QUANT_PRECISIONS}"))
+    plan = make_plan("onnx", precision, runtime=runtime, opset=opset)
+    if fp8_attention:
+        raise InputError(fmt("--fp8-attention", "requested", "FP8 Q/DQ on the attention BMMs is not built yet in "
+                             "this SDK; drop the option (attention BMMs run fp16 around fp32 softmax)"))
     require("onnxruntime")
-    require("modelopt")
-    opset = int(opset or DEFAULT_OPSETS[precision])
-    if opset < 19 or (precision == "fp8" and opset < 21):
-        raise InputError(fmt("opset", opset, "int8 needs >= 19; fp8 needs >= 21 (ModelOpt FP8 Q/DQ)"))
+    if plan.runtime == "onnxruntime":
+        require("modelopt")
+    opset = plan.opset
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     size = int(calibration_size or DEFAULT_CALIBRATION_SIZE)
     passages, queries, source = load_calibration_texts(calibration, size)
-    # One set of calibration batches, at the length the manifest will record, for both the
-    # smoothing statistics (torch, before tracing) and ModelOpt's calibration (ONNX Runtime).
+    # One set of calibration batches, at the length the manifest will record, for the smoothing
+    # statistics and the simulation (torch, before tracing) and ModelOpt's calibration (ORT).
     pipe = TextPipeline(model)
     text_length = max_length or NVEmbedConfig.from_file(model).max_length
     batches = calibration_batches(pipe, passages, queries, max_length=min(CALIBRATION_MAX_LENGTH, text_length))
-    smoothing: dict[str, Any] = {}
+    budget = tolerance_for(precision).min_cosine
+    state: dict[str, Any] = {}
 
-    def smooth(torch_model: Any) -> None:  # INT8 only: FP8's exponent already spans the outliers
-        spread = smooth_mlp_down_inputs(torch_model, batches)
-        smoothing.update(method="SmoothQuant on the MLP down_proj inputs, folded into up_proj/down_proj (exact)",
-                         alpha=SMOOTH_ALPHA, outlier_ratio_before=[round(x, 1) for x in spread])
+    # Short texts (titles, one-word queries) pool over a handful of tokens, so nothing averages
+    # their quantisation error out: the simulation also probes 1-4 word prefixes of the texts.
+    shorts = [" ".join(t.split()[: 1 + i % 4]) for i, t in enumerate(passages[:64])]
+    batches += calibration_batches(pipe, shorts[:32], max_length=16)  # calibrated on, like the rest
+    short_batches = calibration_batches(pipe, shorts[32:], max_length=16)  # held out: probed only
+
+    def prepare(torch_model: Any) -> None:  # on the loaded fp32 model, before tracing
+        state.update(_prepare(torch_model, batches, precision, budget + SIMULATED_MARGIN, fallback, short_batches))
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        base = export_onnx(model, Path(tmp) / "fp32", precision="fp32", opset=opset, validate=False,
+        base = export_onnx(model, Path(tmp) / "base", precision=plan.base_dtype, opset=opset, validate=False,
                            max_length=max_length, warn_unvalidated=False,  # validated after quantisation
-                           transform=smooth if precision == "int8" else None)
+                           transform=prepare)
         manifest = read_manifest(base)
         q_path = Path(tmp) / "model.onnx"
-        summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method)
-        for stale in ("model.onnx", "model.onnx.data"):
-            (out / stale).unlink(missing_ok=True)
-        files = {"model": "model.onnx"}
-        for f in Path(tmp).iterdir():
-            if f.is_file() and f.name.startswith("model.onnx"):
-                shutil.move(str(f), out / f.name)
-                if f.name != "model.onnx":
-                    files["data"] = f.name
+        keep = set(state["keep"])
+        if plan.runtime == "onnxruntime":
+            onnx = require("onnx")
+            from nvembed_sdk.exporters.qdq import weight_matmuls
+
+            graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
+            exclude = [f"^{n.name}$" for n, name in zip(weight_matmuls(graph), state["names"], strict=True)
+                       if name in keep]
+            summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method,
+                                    exclude=exclude)
+            tool = _tool_versions()
+        else:
+            summary = _qdq_graph(base, q_path, state, precision)
+            tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
+        _move_model(Path(tmp), out)
         pipe.save(out)
+    manifest.pop("format_version", None)
+    manifest.pop("validation", None)
+    files = {"model": "model.onnx", **({"data": "model.onnx.data"} if (out / "model.onnx.data").exists() else {})}
+    quant: dict[str, Any] = {
+        **tool, "mode": precision,
+        "calibration": {"source": source, "passages": len(passages), "queries": len(queries),
+                        "batches": len(batches), "max_length": max(int(b.input_ids.shape[1]) for b in batches)},
+        "weights": "per-channel (per output channel)",
+        "activations": "per-tensor static",
+        "simulated_min_cosine": state["simulated"],
+        **({"smoothing": state["smoothing"]} if state.get("smoothing") else {}),
+        **({"fallback": state["fallback"]} if state.get("fallback") else {}),
+        **summary,
+    }
+    quant.setdefault("method", calibration_method)
+    manifest.update(precision=precision, opset=opset, files=files, plan=plan.to_dict(), quantization=quant)
+    manifest.setdefault("build", {})["target_hint"] = _target_hint(precision, plan.runtime)
+    write_manifest(out, manifest)
+    _record_graph(out, plan)
+    if validate:
+        report = validate_export(model, out, texts=texts, raise_on_failure=False)
+        if not report:
+            ranking = state.get("ranking") or []
+            lines = [f"  {r['projection']}: min cosine {r['min_cosine_if_kept']:.4f} if kept high precision "
+                     f"(+{r['gain']:.4f})" for r in ranking[:8]]
+            detail = ("sensitivity (costliest projections first, simulated on calibration text):\n"
+                      + "\n".join(lines)) if lines else "the calibration-text simulation was within budget"
+            if not force:
+                from nvembed_sdk.errors import ToleranceExceeded
+
+                raise ToleranceExceeded(f"{report}\n{detail}\nNote: --calibration with texts like yours, "
+                                        "--precision fp8 on compute capability >= 8.9, or --force to keep it", report)
+            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s\n%s", out, precision, report,
+                        detail)
+    return out
+
+
+def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: float, fallback: bool,
+             extra_probe: Sequence[Batch] = ()) -> dict[str, Any]:
+    """Smoothing (INT8), activation ranges, simulation and (when needed) sensitivity + fallback."""
+    import torch
+
+    from nvembed_sdk.exporters import smooth as sm
+
+    # Every 4th batch (short to long) is held out of the statistics: the simulated accuracy then
+    # includes the clipping unseen text meets, as the held-out validation does.
+    probe = (batches[2::4] if len(batches) >= 4 else batches) + list(extra_probe)
+    fit = [b for i, b in enumerate(batches) if i % 4 != 2] if len(batches) >= 4 else batches
+    reference = sm._forward(torch_model, probe)
+    stats = sm.collect_stats(torch_model, fit)
+    smoothing = sm.smooth_decoder(torch_model, stats, precision) if precision == "int8" else {}
+    amax = sm.activation_amax(torch_model, stats)
+    names = [n for n, _ in sm.projections(torch_model)]
+    quantised = sm.simulate(torch_model, probe, amax, precision)
+    simulated = sm.min_cosine(quantised, reference)
+    out: dict[str, Any] = {"names": names, "amax": amax, "keep": [], "simulated": round(simulated, 5),
+                           "smoothing": {"method": "SmoothQuant on every decoder projection input, folded exactly "
+                                         "(q/k/v: attention RMSNorm weight; gate/up: MLP RMSNorm weight; o: v_proj "
+                                         "rows, one scale per K/V head and dim; down: up_proj rows)",
+                                         "alpha_grid": list(sm.ALPHAS), "per_layer": smoothing} if smoothing else {}}
+    if simulated < target:
+        # Rank on the batches holding the worst rows: the min cosine is decided there (and it is cheap).
+        cos = torch.nn.functional.cosine_similarity(quantised.double(), reference.double(), dim=-1)
+        starts = np.cumsum([0] + [b.input_ids.shape[0] for b in probe])
+        worst = sorted(range(len(probe)), key=lambda i: float(cos[starts[i]:starts[i + 1]].min()))[:3]
+        hard = [probe[i] for i in sorted(worst)]
+        hard_ref = torch.cat([reference[starts[i]:starts[i + 1]] for i in sorted(worst)])
+        _, ranking = sm.sensitivity(torch_model, hard, hard_ref, amax, precision)
+        out["ranking"] = ranking
+        log.warning("simulated %s min cosine %.4f < %.4f; costliest projections: %s", precision, simulated, target,
+                    ", ".join(f"{r['projection']} (+{r['gain']:.4f})" for r in ranking[:5]))
+        if fallback:
+            keep, _ = sm.choose_fallback(torch_model, hard, hard_ref, amax, precision, ranking, target)
+            cos = sm.min_cosine(sm.simulate(torch_model, probe, amax, precision, set(keep)), reference)
+            if keep:
+                log.warning("fallback: keeping %s in high precision (simulated min cosine %.4f)", ", ".join(keep), cos)
+                out.update(keep=keep, simulated=round(cos, 5))
+            out["fallback"] = {"kept_high_precision": keep, "dtype": "high precision (fp16 / fp32 base)",
+                               "simulated_min_cosine": round(cos, 5), "target": round(target, 5),
+                               "sensitivity": ranking[:10]}
+    out["weights"] = [lin.weight.detach().clone() for _, lin in sm.projections(torch_model)]
+    return out
+
+
+def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str) -> dict[str, Any]:
+    onnx = require("onnx")
+    from nvembed_sdk.exporters.onnx_export import save_onnx
+    from nvembed_sdk.exporters.qdq import insert_qdq
+
+    proto = onnx.load(str(base / "model.onnx"))
+    summary = insert_qdq(proto, state["names"], state["weights"], state["amax"], precision, set(state["keep"]))
+    if proto.ByteSize() < 1_800_000_000:
+        onnx.checker.check_model(proto)
+    save_onnx(proto, q_path)
+    if state.get("fallback"):
+        state["fallback"]["dtype"] = "fp16"
+    return summary
+
+
+def _move_model(tmp: Path, out: Path) -> None:
+    for stale in ("model.onnx", "model.onnx.data"):
+        (out / stale).unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        if f.is_file() and f.name.startswith("model.onnx"):
+            shutil.move(str(f), out / f.name)
+
+
+def _tool_versions() -> dict[str, Any]:
     import modelopt
     import onnxruntime
 
+    return {"tool": f"nvidia-modelopt {modelopt.__version__} (modelopt.onnx.quantization)",
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _target_hint(precision: str, runtime: str) -> str:
+    if runtime == "onnxruntime":
+        return "ONNX Runtime CPU/CUDA (fp32 base); for TensorRT export with --runtime tensorrt"
+    if precision == "int8":
+        return "TensorRT on any GPU (strongly typed, fp16 base); ONNX Runtime CPU runs it for validation"
+    return "TensorRT on compute capability >= 8.9 (strongly typed, fp16 base); ONNX Runtime CPU emulation for validation"
+
+
+def _record_graph(out: Path, plan: Any) -> None:
+    """Which graph the bundle holds and its dtype shares (``nvembed info`` prints them)."""
+    from nvembed_sdk.exporters.audit import audit_graph
+
+    manifest = read_manifest(out)
     manifest.pop("format_version", None)
-    manifest.pop("validation", None)
-    manifest.update(
-        precision=precision, opset=opset, files=files,
-        quantization={
-            "tool": f"nvidia-modelopt {modelopt.__version__} (modelopt.onnx.quantization)",
-            "onnxruntime": onnxruntime.__version__, "mode": precision, "method": calibration_method,
-            "calibration": {"source": source, "passages": len(passages), "queries": len(queries),
-                            "batches": len(batches), "max_length": int(batches[-1].input_ids.shape[1])},
-            "weights": "per-channel" if precision == "int8" else "per-tensor",
-            "activations": "per-tensor static",
-            **({"smoothing": smoothing} if smoothing else {}),
-            **summary,
-        },
-    )
-    manifest.setdefault("build", {})["target_hint"] = (
-        "TensorRT on any GPU; ONNX Runtime CPU/CUDA" if precision == "int8"
-        else "TensorRT on compute capability >= 8.9; ONNX Runtime CPU emulation for validation")
+    audit = audit_graph(out)
+    manifest["graph"] = {"runtime": plan.runtime, "base_dtype": plan.base_dtype,
+                         "fp32_islands": list(plan.fp32_islands), **audit}
     write_manifest(out, manifest)
-    if validate:
-        report = validate_export(model, out, texts=texts, raise_on_failure=False)
-        if not report and not force:
-            report.raise_if_failed()
-        if not report:
-            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s", out, precision, report)
-    return out

@@ -41,8 +41,8 @@ from typing import Any
 
 from nvembed_sdk._optional import require
 from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, TensorRTError, fmt
+from nvembed_sdk.exporters.plan import plan_precision  # the one precision table (exporters/plan.py)
 from nvembed_sdk.exporters.targets import (
-    QDQ_PRECISIONS,
     Profile,
     Target,
     check_build_host,
@@ -102,55 +102,6 @@ def preflight(precision: str, target: str = "datacenter", device: str | None = N
     major, minor = (int(v) for v in facts["compute_capability"].split("."))
     check_compute_capability(precision, (major, minor), facts["gpu_name"])
     return BuildEnv(trt, t, index, facts)
-
-
-def plan_precision(requested: str, onnx_precision: str, trt_major: int,
-                   strongly_typed: bool | None = None) -> tuple[bool, tuple[str, ...]]:
-    """How to get ``requested`` out of an ONNX in ``onnx_precision`` with this TensorRT.
-
-    Args:
-        requested: engine precision.
-        onnx_precision: the ONNX bundle's ``precision`` (``int8``/``fp8`` mean Q/DQ).
-        trt_major: TensorRT major version (10 or 11).
-        strongly_typed: force the network typing; None picks (strong whenever the ONNX
-            already carries the precision).
-
-    Returns:
-        (strongly typed network, names of ``trt.BuilderFlag`` members to set).
-
-    Raises:
-        InputError: the combination cannot be built; the message says which bundle to export.
-    """
-    export = f"nvembed-export --model CHECKPOINT --to onnx --precision {requested}"
-    if trt_major >= 11:
-        if strongly_typed is False:
-            raise InputError(fmt("strongly_typed=False", f"TensorRT {trt_major}",
-                                 "TensorRT 11 networks are always strongly typed; drop the option"))
-        if requested != onnx_precision:
-            raise InputError(fmt(
-                f"--precision {requested}", f"a {onnx_precision} ONNX bundle with TensorRT {trt_major}",
-                f"TensorRT 11 takes the precision from the ONNX (no builder flags); build from a {requested} "
-                f"bundle: {export}"))
-        return True, ()
-    if requested in QDQ_PRECISIONS:
-        if onnx_precision != requested:
-            raise InputError(fmt(
-                f"--precision {requested}", f"a {onnx_precision} ONNX bundle (no {requested.upper()} Q/DQ)",
-                f"INT8/FP8 engines are built from a quantised Q/DQ bundle (the builder never calibrates): {export}"))
-        if strongly_typed is False:
-            return False, (requested.upper(), "FP16")
-        return True, ()
-    if requested == onnx_precision:
-        if strongly_typed is False and requested in ("fp16", "bf16"):
-            return False, (requested.upper(),)  # weak typing computes in fp32 unless the flag allows fp16
-        return (strongly_typed is not False), ()
-    if onnx_precision == "fp32" and requested in ("fp16", "bf16"):
-        if strongly_typed:
-            raise InputError(fmt(f"--precision {requested} with strongly_typed=True", "an fp32 ONNX bundle",
-                                 f"a strongly typed build keeps the ONNX's types; {export}"))
-        return False, (requested.upper(),)
-    raise InputError(fmt(f"--precision {requested}", f"a {onnx_precision} ONNX bundle",
-                         f"an fp32 or {requested} bundle: {export}"))
 
 
 def default_timing_cache(facts: dict[str, str]) -> Path:

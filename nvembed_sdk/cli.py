@@ -159,6 +159,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         m = read_manifest(p)
         info.update(kind=m.get("kind"), precision=m.get("precision"), files=m.get("files"))
         model = m.get("model", {})
+        info.update(_graph_facts(p, m))
     else:
         model = {}
     if (p / "config.json").is_file():
@@ -192,6 +193,28 @@ def describe(path: str | Path) -> dict[str, Any]:
     else:
         info["tokenizer"] = "none"
     return info
+
+
+def _graph_facts(p: Path, m: dict[str, Any]) -> dict[str, Any]:
+    """Which graph an ONNX bundle holds and its share of MACs / activation bytes per dtype."""
+    graph = m.get("graph") or (m.get("source") or {}).get("graph")
+    if not graph and m.get("kind") == "onnx":
+        try:  # bundles from before the audit was recorded: measure now (one ONNX Runtime run)
+            from nvembed_sdk.exporters.audit import audit_graph
+
+            graph = audit_graph(p)
+        except ImportError:
+            return {}
+    if not graph:
+        return {}
+    from nvembed_sdk.exporters.audit import format_shares
+
+    out = {}
+    if graph.get("runtime"):
+        out["graph"] = f"for {graph['runtime']} ({graph.get('base_dtype')} base)"
+    out[f"MACs by dtype ({graph['probe']})"] = format_shares(graph["macs"])
+    out["activation bytes by dtype"] = format_shares(graph["activation_bytes"])
+    return out
 
 
 @click.command()

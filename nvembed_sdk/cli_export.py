@@ -1,4 +1,4 @@
-"""``nvembed export`` / ``nvembed-export``: checkpoint -> ONNX (fp32/fp16/int8/fp8) or TensorRT."""
+"""``nvembed export`` / ``nvembed-export``: parses options and calls :func:`nvembed_sdk.exporters.pipeline.export`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,26 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
 @click.option("--model", "model", required=True, type=click.Path(), help="Checkpoint directory (released NV-Embed layout).")
 @click.option("--to", "to", required=True, type=click.Choice(["onnx", "tensorrt"]), help="Artifact kind.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
-              help="onnx: fp32|fp16|int8|fp8 (int8/fp8 = explicit Q/DQ via NVIDIA ModelOpt). "
-                   "tensorrt: fp16|bf16|int8|fp8.")
+              help="onnx: fp32|fp16|int8|fp8 (int8/fp8 = explicit Q/DQ). tensorrt: fp32|fp16|bf16 (TensorRT 10.x)"
+                   "|int8|fp8.")
+@click.option("--runtime", default=None, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="--to onnx int8/fp8: the runtime the graph is made for. onnxruntime: fp32 base (ONNX Runtime "
+                   "CPU integer kernels); tensorrt: fp16 base around the Q/DQ GEMMs. Default: onnxruntime for "
+                   "int8, tensorrt for fp8.")
 @click.option("--output", required=True, type=click.Path(), help="Bundle directory to write.")
-@click.option("--opset", type=int, default=None, help="ONNX opset. Default: 20 (fp32/fp16/int8), 21 (fp8), per target.")
+@click.option("--opset", type=int, default=None, help="ONNX opset. Default: 20 (fp32/fp16/int8), 21 (fp8).")
 @click.option("--max-length", type=int, default=None, help="Text max length recorded in the bundle. Default: the checkpoint's.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch fp32 (NOT recommended).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="int8/fp8: calibration texts (.txt one per line, or .jsonl[.gz] with 'text'). Default: shipped set.")
 @click.option("--calibration-size", type=int, default=None, help="int8/fp8: number of calibration texts. Default: 256.")
 @click.option("--force", is_flag=True, help="int8/fp8: keep a bundle whose accuracy report is outside the budget.")
+@click.option("--no-fallback", is_flag=True,
+              help="int8/fp8: when the budget is missed, fail with the sensitivity report instead of keeping the "
+                   "fewest costly projections in high precision.")
+@click.option("--fp8-attention/--no-fp8-attention", "fp8_attention", default=None,
+              help="fp8 for TensorRT: FP8 Q/DQ on the attention BMMs (QK^T, PV). Default: on when it stays "
+                   "within budget on the calibration texts.")
 @click.option("--target", default="datacenter", show_default=True,
               type=click.Choice(["datacenter", "jetson-orin", "jetson-thor"]), help="tensorrt: deployment target.")
 @click.option("--profile", "profiles", multiple=True,
@@ -38,82 +48,53 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
 @click.option("--device", default=None, help="tensorrt: build GPU, cuda or cuda:N. Default: the current CUDA device.")
 @click.option("--verbose", is_flag=True, help="tensorrt: verbose builder log.")
 @fail_cleanly
-def export(model: str, to: str, precision: str, output: str, opset: int | None, max_length: int | None,
-           no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool, target: str,
-           profiles: tuple[str, ...], workspace_gb: float | None, opt_level: int, timing_cache: str | None,
-           no_timing_cache: bool, strongly_typed: bool | None, device: str | None, verbose: bool) -> None:
+def export(model: str, to: str, precision: str, runtime: str | None, output: str, opset: int | None,
+           max_length: int | None, no_validate: bool, calibration: str | None, calibration_size: int | None,
+           force: bool, no_fallback: bool, fp8_attention: bool | None, target: str, profiles: tuple[str, ...],
+           workspace_gb: float | None, opt_level: int, timing_cache: str | None, no_timing_cache: bool,
+           strongly_typed: bool | None, device: str | None, verbose: bool) -> None:
     """Export an NV-Embed checkpoint to an ONNX bundle or a TensorRT engine bundle.
 
     \b
     Examples:
       nvembed-export --model models/nvembed-debian-small --to onnx --precision fp32 --output out/onnx
       nvembed-export --model DIR --to onnx --precision int8 --calibration texts.txt --output out/int8
+      nvembed-export --model DIR --to onnx --precision int8 --runtime tensorrt --output out/int8-trt
       nvembed-export --model DIR --to tensorrt --precision fp8 --output out/trt-fp8
-      nvembed-export --model out/int8 --to tensorrt --precision int8 --target jetson-orin --output out/orin
+      nvembed-export --model out/int8-trt --to tensorrt --precision int8 --target jetson-orin --output out/orin
 
     --model may also be an ONNX bundle when --to tensorrt (build on the device from a copied
     bundle: engines are tied to the GPU model and TensorRT version that built them).
     bf16 engines are built from the fp32 ONNX with TensorRT 10.x's BF16 flag.
+    Impossible combinations (bf16 or --weakly-typed on TensorRT 11, fp8 on jetson-orin, fp8 for
+    ONNX Runtime) are refused before any export work.
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
     outside the README budget (report stored in nvembed.json).
     """
-    from pathlib import Path
+    from nvembed_sdk.exporters.pipeline import export as run_export
 
-    from nvembed_sdk.errors import InputError
-    from nvembed_sdk.validate import check_opset
-
-    check_opset(opset)  # before any slow work (--opset 99)
-    if to == "onnx":
-        if precision == "bf16":
-            raise InputError("precision bf16 | got --to onnx. Note: ONNX bundles are fp32, fp16, int8 or fp8; "
-                             "bf16 is a TensorRT build precision (--to tensorrt)")
-        path = _export_onnx(model, output, precision, opset, max_length, no_validate, calibration,
-                            calibration_size, force)
-        click.echo(f"wrote {path}")
-        _echo_validation(path)
-        return
-    # TensorRT: target, host, TensorRT, GPU and compute capability are checked before any slow
-    # work, so a machine without them fails in well under 10 s.
-    from nvembed_sdk.exporters.trt_build import build_engine, preflight
-    from nvembed_sdk.manifest import MANIFEST, read_manifest
-
-    env = preflight(precision, target, device)
-    source = Path(model)
-    if (source / MANIFEST).is_file() and read_manifest(source).get("kind") == "onnx":
-        onnx_dir = source  # an ONNX bundle: build from it directly
-    else:
-        onnx_precision = {"fp16": "fp16", "bf16": "fp32", "int8": "int8", "fp8": "fp8"}.get(precision, "fp32")
-        onnx_dir = Path(output) / "onnx"
-        _export_onnx(model, str(onnx_dir), onnx_precision, opset or env.target.opset_for(precision), max_length,
-                     no_validate, calibration, calibration_size, force)
-    plan = build_engine(onnx_dir, output, precision=precision, target=target, profiles=list(profiles) or None,
-                        workspace_gb=workspace_gb, opt_level=opt_level,
-                        timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
-                        device=device, verbose=verbose)
-    click.echo(f"wrote {plan}")
-
-
-def _export_onnx(model: str, output: str, precision: str, opset: int | None, max_length: int | None,
-                 no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool) -> object:
     if no_validate:
         click.echo("warning: --no-validate: the export is NOT checked against PyTorch", err=True)
-    if precision in ("int8", "fp8"):
-        from nvembed_sdk.exporters.quantize import export_quantized
-
-        return export_quantized(model, output, precision=precision, calibration=calibration,
-                                calibration_size=calibration_size, opset=opset, max_length=max_length,
-                                validate=not no_validate, force=force)
-    from nvembed_sdk.exporters.onnx_export import export_onnx
-
-    return export_onnx(model, output, precision=precision, opset=opset, validate=not no_validate,
-                       max_length=max_length)
+    path = run_export(model, output, to=to, precision=precision, runtime=runtime, opset=opset, max_length=max_length,
+                      validate=not no_validate, calibration=calibration, calibration_size=calibration_size,
+                      force=force, fallback=not no_fallback, fp8_attention=fp8_attention, target=target,
+                      profiles=profiles, workspace_gb=workspace_gb, opt_level=opt_level,
+                      timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
+                      device=device, verbose=verbose)
+    click.echo(f"wrote {path}")
+    if to == "onnx":
+        _echo_validation(path)
 
 
 def _echo_validation(bundle: object) -> None:
     from nvembed_sdk.manifest import read_manifest
 
-    v = read_manifest(bundle).get("validation", {})  # type: ignore[arg-type]
+    m = read_manifest(bundle)  # type: ignore[arg-type]
+    fb = m.get("quantization", {}).get("fallback", {})
+    if fb.get("kept_high_precision"):
+        click.echo(f"fallback: kept {', '.join(fb['kept_high_precision'])} in {fb['dtype']} to stay within budget")
+    v = m.get("validation", {})
     if v.get("skipped"):
         return
     if v:

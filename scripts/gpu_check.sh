@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_check.sh            # all of tests/gpu
 #   bash scripts/gpu_check.sh -k fp16    # extra pytest arguments pass through
+#   ENGINES=0 bash scripts/gpu_check.sh  # skip the engine check (scripts/gpu_engines.py)
 #
 # Prints the machine (nvidia-smi, torch, CUDA, TensorRT, ONNX Runtime providers), then runs
 # `pytest -m gpu tests/gpu -rs`: every skipped test is listed with its reason at the end, so a
@@ -45,4 +46,21 @@ except ImportError as exc:
 PY
 
 echo "== pytest -m gpu tests/gpu -rs"
-PYTHONUNBUFFERED=1 pytest -m gpu tests/gpu -rs -v "$@"
+PYTHONUNBUFFERED=1 timeout 150 pytest -m gpu tests/gpu -rs -v "$@"
+rc=$?
+
+# Engine check (needs TensorRT): every bundle kind parsed, fp16/INT8/FP8 engines with two profiles,
+# the engine inspector's per-layer precisions, parity at odd batch sizes, a rejected timing cache,
+# build time / plan size / memory / texts/s at 32x128 and 8x512 for the shipped model, then the
+# NV-Embed-v2 shape with 2 layers. Sized for <= 5 min in all on one H100/H200 (part 2 is cut at 100 s).
+if [ "${ENGINES:-1}" = "1" ]; then
+  echo "== scripts/gpu_engines.py --part 1"
+  PYTHONUNBUFFERED=1 timeout 120 python scripts/gpu_engines.py --part 1 --out "${OUT:-/tmp/nvembed-gpu}"
+  e1=$?
+  echo "== scripts/gpu_engines.py --part 2 (NV-Embed-v2 shape, 2 layers)"
+  PYTHONUNBUFFERED=1 timeout 100 python scripts/gpu_engines.py --part 2 --layers 2 --out "${OUT:-/tmp/nvembed-gpu}"
+  e2=$?
+  echo "engine check exit codes: part 1 $e1, part 2 $e2 (5: TensorRT not importable, 124: cut by the timeout)"
+  [ "$rc" = "0" ] && [ "$e1" != "0" ] && rc=$e1
+fi
+exit $rc

@@ -1,6 +1,6 @@
 """Corpus embedding jobs: a corpus in, Parquet vectors out, in-process or on Ray Data (resumable).
 
-Names only; pyarrow and ray load when a job runs (``pip install 'nvembed-sdk[ray]'``).
+Names only; pyarrow and ray load when a job runs (``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def quantizer_skip_reason(precision: str) -> str | None:
         import modelopt.onnx.quantization  # noqa: F401
     except ImportError as exc:
         return (f"{precision.upper()} engines need a Q/DQ bundle from NVIDIA ModelOpt, which is not importable "
-                f"({exc}): pip install 'nvembed-sdk[quant]' (nvidia-modelopt[onnx])")
+                f"({exc}): pip install -e '.[quant]' (nvidia-modelopt[onnx])")
     return None
 
 
@@ -106,7 +106,8 @@ def _onnx(checkpoint: Path, work: Path, precision: str) -> Path:
             pytest.skip(reason)
         quantize = pytest.importorskip("nvembed_sdk.exporters.quantize", reason="the quantiser is not written yet")
         if hasattr(quantize, "export_quantized"):
-            return Path(quantize.export_quantized(checkpoint, out, precision=precision))
+            # the TensorRT-bound graph (fp16 base), what `--to tensorrt` builds from
+            return Path(quantize.export_quantized(checkpoint, out, precision=precision, runtime="tensorrt"))
         if hasattr(quantize, "quantize_bundle"):
             return Path(quantize.quantize_bundle(_onnx(checkpoint, work, "fp32"), out, precision=precision))
         pytest.skip("nvembed_sdk.exporters.quantize has neither export_quantized nor quantize_bundle")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'nvembed-sdk[ray]'")
+ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
 
 from nvembed_sdk.corpus.job import CorpusJob, run_local  # noqa: E402
 from nvembed_sdk.corpus.ray_job import run_ray  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pa = pytest.importorskip("pyarrow", reason="the corpus job writes Parquet: pip install 'nvembed-sdk[ray]'")
+pa = pytest.importorskip("pyarrow", reason="the corpus job writes Parquet: pip install -e '.[ray]'")
 import pyarrow.parquet as pq  # noqa: E402
 
 from nvembed_sdk.corpus.job import CorpusJob, run_local, tokenize_part  # noqa: E402
