@@ -34,6 +34,7 @@ from nvembed_sdk._optional import require
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
+from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import default_texts, read_texts
@@ -342,6 +343,7 @@ def export_quantized(
                 if f.name != "model.onnx":
                     files["data"] = f.name
         pipe.save(out)
+        write_st_files(out, source=model)  # sentence-transformers files + embedding_output.json
     import modelopt
     import onnxruntime
 

@@ -15,6 +15,10 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "tensorrt": ("tensorrt", "10.3", "on Jetson, TensorRT comes with JetPack"),
     "modelopt": ("quant", "0.40", "package nvidia-modelopt[onnx]"),
     "peft": ("train", "0.12", ""),
+    "sentence_transformers": ("st", "6.0", "package sentence-transformers"),
+    "langchain_core": ("langchain", "1.0", "package langchain-core"),
+    "llama_index.core": ("llamaindex", "0.14", "package llama-index-core"),
+    "mteb": ("mteb", "2.0", ""),
 }
 
 
