@@ -168,7 +168,8 @@ def _build() -> None:
                                       normalize_embeddings=normalize_embeddings, truncate_dim=width, **kwargs)
             emb = super().encode(inputs, prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
                                  show_progress_bar=show_progress_bar, precision="float32", convert_to_numpy=True,
-                                 device=device, normalize_embeddings=False, truncate_dim=None, **kwargs)
+                                 device=device, normalize_embeddings=False,
+                                 truncate_dim=self[0].embedder.dim, **kwargs)  # full width: self.truncate_dim is ours
             if isinstance(emb, list) or emb.size == 0:  # [] in, nothing to convert
                 return torch.tensor([]) if convert_to_tensor else emb
             # The module's outputs are unit vectors; truncation renormalises (ST renormalises only on request).
