@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, fmt
 from nvembed_sdk.integrations.st_files import MODULE_CONFIG, MODULE_REF, ST_FILES
 
 _BUILT: dict[str, type] = {}
@@ -80,10 +80,9 @@ def _build() -> None:
         save_in_root = True
 
         def __init__(self, artifact: str | Path, backend: str | None = None, device: str | None = None,
-                     max_seq_length: int | None = None, source_dir: str | Path | None = None, **options: Any) -> None:
+                     max_seq_length: int | None = None, **options: Any) -> None:
             super().__init__()
             self.embedder = Embedder.load(artifact, backend=backend, device=device, **options)
-            self.source_dir = Path(source_dir) if source_dir is not None else Path(self.embedder.text.directory)
             self.artifact = None  # saved config: the artifact is the saved directory itself
             self.max_seq_length = int(max_seq_length or self.embedder.text.max_length)
             self.output_spec = output.OutputSpec.read(self.embedder.text.directory)
@@ -99,7 +98,7 @@ def _build() -> None:
             mk = dict(model_kwargs or {})
             target = resolve_artifact(directory, mk.pop("artifact", None) or config.get("artifact"), backend)
             return cls(target, backend=mk.pop("backend", None), device=mk.pop("device", None),
-                       max_seq_length=mk.pop("max_seq_length", None), source_dir=directory, **mk)
+                       max_seq_length=mk.pop("max_seq_length", None), **mk)
 
         def preprocess(self, inputs: list[str], prompt: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
             from nvembed_sdk.text import check_texts
@@ -196,10 +195,3 @@ def __getattr__(name: str) -> type:
             _build()
         return _BUILT[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def load(path: str | Path, **kwargs: Any) -> Any:
-    """``NVEmbedSentenceTransformer(path, **kwargs)``, with the device left to the artifact's backend."""
-    if "trust_remote_code" in kwargs:
-        raise InputError(fmt("trust_remote_code", kwargs["trust_remote_code"], "not needed: the module is this package's"))
-    return __getattr__("NVEmbedSentenceTransformer")(str(path), **kwargs)
