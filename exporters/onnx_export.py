@@ -237,6 +237,7 @@ def export_onnx(
         for f in files:
             shutil.move(str(Path(tmp) / f), out / f)
     pipe.save(out)
+    _write_integration_files(out, src)
     manifest = {
         "kind": "onnx",
         "precision": precision,
@@ -261,6 +262,12 @@ def export_onnx(
         manifest["validation"] = {"skipped": True}
         write_manifest(out, manifest)
     return out
+
+
+def _write_integration_files(out: Path, src: Path) -> None:
+    from nvembed_sdk.integrations.st_files import write_st_files
+
+    write_st_files(out, source=src)  # sentence-transformers files + the model's embedding_output.json
 
 
 def _model_facts(cfg: NVEmbedConfig) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from nvembed_sdk._optional import require
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
+from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
@@ -389,6 +390,7 @@ def export_quantized(
             tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
         _move_model(Path(tmp), out)
         pipe.save(out)
+        write_st_files(out, source=model)  # sentence-transformers files + embedding_output.json
     manifest.pop("format_version", None)
     manifest.pop("validation", None)
     files = {"model": "model.onnx", **({"data": "model.onnx.data"} if (out / "model.onnx.data").exists() else {})}

@@ -52,6 +52,7 @@ from nvembed_sdk.exporters.targets import (
     parse_profiles,
     sort_profiles,
 )
+from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import INPUT_NAMES, MANIFEST, OUTPUT_NAME, read_manifest, sha256_file, write_manifest
 from nvembed_sdk.text import TOKENIZER_FILES
 
@@ -286,6 +287,7 @@ def build_engine(
                 part.replace(out / name)
         if not (out / "tokenizer.json").is_file():
             raise ArtifactError(fmt(str(src_dir), "no tokenizer.json", "an ONNX bundle with its tokenizer"))
+        write_st_files(out, source=src_dir)  # sentence-transformers files + embedding_output.json
 
         longest = max(p.max_seq for p in chosen)
         source = src.get("source", {}) if isinstance(src.get("source"), dict) else {}

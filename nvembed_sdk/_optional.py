@@ -17,6 +17,10 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "peft": ("train", "0.12", ""),
     "ray": ("ray", "2.40", "ray[data,serve]"),
     "pyarrow": ("ray", "14", ""),
+    "sentence_transformers": ("st", "6.0", "package sentence-transformers"),
+    "langchain_core": ("langchain", "1.0", "package langchain-core"),
+    "llama_index.core": ("llamaindex", "0.14", "package llama-index-core"),
+    "mteb": ("mteb", "2.0", ""),
 }
 
 

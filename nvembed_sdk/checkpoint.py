@@ -281,4 +281,11 @@ def save_model(
         _atomic_write_bytes(out / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     cfg = model.cfg.replace(torch_dtype=_DTYPE_NAMES[target])
     cfg.save(out)
+    _write_integration_files(out)
     return out
+
+
+def _write_integration_files(out: Path) -> None:
+    from nvembed_sdk.integrations.st_files import write_st_files
+
+    write_st_files(out)  # modules.json + prompts: sentence-transformers loads the checkpoint

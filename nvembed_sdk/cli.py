@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "eval": "nvembed_sdk.train.cli:evaluate",
     "tokenizer": "nvembed_sdk.train.cli:tokenizer",
     "embed-corpus": "nvembed_sdk.cli_corpus:embed_corpus",
+    "calibrate": "nvembed_sdk.cli_output:calibrate",
 }
 
 

@@ -150,9 +150,15 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
 @click.option("--max-corpus", type=int, default=None, help="Corpus subset (relevant documents always kept).")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--mteb", "use_mteb", is_flag=True,
+              help="Score with MTEB 2.x's own retrieval evaluator (offline custom task over the same folder; "
+                   "pip install 'nvembed-sdk[mteb]').")
+@click.option("--instructions", default=None, type=click.Path(dir_okay=False),
+              help="With --mteb: a task -> instruction JSON table like the released instructions.json.")
 @fail_cleanly
 def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, max_queries: int | None,
-             max_corpus: int | None, num_threads: int | None, as_json: bool) -> None:
+             max_corpus: int | None, num_threads: int | None, as_json: bool, use_mteb: bool = False,
+             instructions: str | None = None) -> None:
     """nDCG@10, Recall@100 and MRR@10 of ARTIFACT on a BEIR-layout set.
 
     ARTIFACT is anything `Embedder.load` reads (checkpoint dir, bundle dir, model.onnx,
@@ -165,6 +171,10 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
     Examples:
       nvembed eval models/nvembed-debian-small --beir ../shared/data/dev/debpkg --max-queries 500
       nvembed eval bm25 --beir ../shared/data/dev/debpkg --json
+      nvembed eval models/nvembed-debian-small --beir ../shared/data/dev/debpkg --mteb
+
+    With --mteb the same folder runs as an offline MTEB custom retrieval task through
+    nvembed_sdk.integrations.mteb.NVEmbedModel, and MTEB's own scores are printed.
     """
     from nvembed_sdk.train.evaluate import evaluate_artifact
 
@@ -173,13 +183,21 @@ def evaluate(artifact: str, beir_dir: str, batch_size: int, device: str | None, 
 
         torch.set_num_threads(num_threads)
     t0 = time.time()
-    metrics = evaluate_artifact(artifact, beir_dir, batch_size=batch_size, device=device, max_queries=max_queries,
-                                max_corpus=max_corpus, show_progress=not as_json)
+    if use_mteb:
+        from nvembed_sdk.integrations.mteb import evaluate_mteb
+
+        metrics = evaluate_mteb(artifact, beir_dir, batch_size=batch_size, device=device, max_queries=max_queries,
+                                max_corpus=max_corpus, instructions=instructions, show_progress=not as_json)
+        metrics.pop("mteb")
+    else:
+        metrics = evaluate_artifact(artifact, beir_dir, batch_size=batch_size, device=device, max_queries=max_queries,
+                                    max_corpus=max_corpus, show_progress=not as_json)
     metrics["seconds"] = round(time.time() - t0, 1)
     if as_json:
         click.echo(json.dumps(metrics))
         return
-    click.echo(f"{artifact} on {beir_dir} ({metrics['queries']} queries, {metrics['seconds']}s)")
+    click.echo(f"{artifact} on {beir_dir} ({metrics['queries']} queries, {metrics['seconds']}s"
+               f"{', scored by MTEB' if use_mteb else ''})")
     for key in ("ndcg@10", "recall@100", "mrr@10"):
         click.echo(f"  {key:<11}{metrics[key]:.4f}")
 

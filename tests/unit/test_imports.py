@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft")
+# The integrations' frameworks (and what they pull): imported only when an adapter class is used.
+INTEGRATIONS = ("sentence_transformers", "langchain_core", "llama_index", "mteb", "datasets")
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -21,7 +23,7 @@ print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))
 
 def test_import_is_light():
     loaded = _loaded_after("import nvembed_sdk; from nvembed_sdk import Embedder; import nvembed_sdk.cli")
-    assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
+    assert not set(HEAVY + INTEGRATIONS) & set(loaded), set(HEAVY + INTEGRATIONS) & set(loaded)
 
 
 def test_corpus_and_scale_out_modules_are_light():
@@ -40,6 +42,13 @@ for pkg in (nvembed_sdk, nvembed_sdk.exporters, nvembed_sdk.runtimes):
 """
     loaded = _loaded_after(code)
     assert not {"onnxruntime", "tensorrt", "modelopt", "ray", "pyarrow"} & set(loaded)
+    assert not set(INTEGRATIONS) & set(loaded), set(INTEGRATIONS) & set(loaded)
+
+
+def test_integration_modules_import_without_their_frameworks():
+    loaded = _loaded_after("import nvembed_sdk.integrations.sentence_transformers, nvembed_sdk.integrations.langchain, "
+                           "nvembed_sdk.integrations.llamaindex, nvembed_sdk.integrations.mteb")
+    assert not set(INTEGRATIONS) & set(loaded), set(INTEGRATIONS) & set(loaded)
 
 
 def test_mapped_packages_resolve_inside_nvembed_sdk():
