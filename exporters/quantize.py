@@ -34,6 +34,7 @@ from nvembed_sdk._optional import require
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
+from nvembed_sdk.exporters.staging import staged
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import default_texts, read_texts
@@ -265,6 +266,7 @@ def summarize_qdq(path: str | Path) -> dict[str, Any]:
     }
 
 
+@staged("output")  # written beside `output`, moved into place when complete and validated
 def export_quantized(
     model: str | Path,
     output: str | Path,
@@ -282,7 +284,9 @@ def export_quantized(
 
     Args:
         model: checkpoint directory.
-        output: bundle directory.
+        output: bundle directory, written through a staging directory beside it
+            (exporters/staging.py). Must be new, empty, or a bundle with ``overwrite``.
+        overwrite: replace an existing bundle at ``output`` whole. Defaults to False.
         precision: ``int8`` or ``fp8``. Defaults to int8.
         calibration: calibration texts (.txt or .jsonl[.gz]). Defaults to the shipped set.
         calibration_size: number of calibration texts. Defaults to 256.

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk._optional import require
+from nvembed_sdk.bundle_files import verify_files
 from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, fmt
+from nvembed_sdk.exporters.staging import staged
 from nvembed_sdk.exporters.targets import (
     QDQ_PRECISIONS,
     Profile,
@@ -163,6 +165,7 @@ def _bundle(onnx_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
         raise ArtifactError(fmt("ONNX bundle", f"{p} does not exist", "a bundle dir or its model.onnx"))
     directory = p if p.is_dir() else p.parent
     manifest = read_manifest(directory)
+    verify_files(directory, manifest)  # build from the source as it was exported, nothing else
     if manifest.get("kind") != "onnx":
         raise ArtifactError(fmt(str(directory / MANIFEST), f"kind {manifest.get('kind')!r}",
                                 "an ONNX bundle (kind 'onnx'): nvembed-export --to onnx"))
@@ -186,6 +189,7 @@ def _as_profiles(profiles: str | Iterable[str] | Iterable[Profile] | None) -> li
     return parse_profiles([str(p) for p in items])
 
 
+@staged("output_dir", inputs=("onnx_path",))  # engine.plan + manifest appear together, complete
 def build_engine(
     onnx_path: str | Path,
     output_dir: str | Path,
@@ -203,7 +207,9 @@ def build_engine(
 
     Args:
         onnx_path: an ONNX bundle directory or its ``model.onnx`` (external data beside it).
-        output_dir: the engine bundle directory (created; must differ from the ONNX bundle).
+        output_dir: the engine bundle directory (staged beside it, exporters/staging.py; must
+            differ from the ONNX bundle). Must be new, empty, or a bundle with ``overwrite``.
+        overwrite: replace an existing bundle at ``output_dir`` whole. Defaults to False.
         precision: ``fp32``, ``fp16``, ``bf16``, ``int8`` or ``fp8`` (int8/fp8 need a Q/DQ bundle).
         target: ``datacenter``, ``jetson-orin`` or ``jetson-thor``. Defaults to datacenter.
         profiles: ``--profile`` strings (``MIN:OPT:MAX`` of ``BATCHxSEQ``) or :class:`Profile`s.

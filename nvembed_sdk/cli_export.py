@@ -16,6 +16,8 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
               help="onnx: fp32|fp16|int8|fp8 (int8/fp8 = explicit Q/DQ via NVIDIA ModelOpt). "
                    "tensorrt: fp16|bf16|int8|fp8.")
 @click.option("--output", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing bundle at --output (swapped in only once the new one is complete).")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: 20 (fp32/fp16/int8), 21 (fp8), per target.")
 @click.option("--max-length", type=int, default=None, help="Text max length recorded in the bundle. Default: the checkpoint's.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch fp32 (NOT recommended).")
@@ -38,7 +40,7 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
 @click.option("--device", default=None, help="tensorrt: build GPU, cuda or cuda:N. Default: the current CUDA device.")
 @click.option("--verbose", is_flag=True, help="tensorrt: verbose builder log.")
 @fail_cleanly
-def export(model: str, to: str, precision: str, output: str, opset: int | None, max_length: int | None,
+def export(model: str, to: str, precision: str, output: str, overwrite: bool, opset: int | None, max_length: int | None,
            no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool, target: str,
            profiles: tuple[str, ...], workspace_gb: float | None, opt_level: int, timing_cache: str | None,
            no_timing_cache: bool, strongly_typed: bool | None, device: str | None, verbose: bool) -> None:
@@ -57,43 +59,51 @@ def export(model: str, to: str, precision: str, output: str, opset: int | None, 
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
     outside the DESIGN.md budget (report stored in nvembed.json).
+
+    The bundle is written in a staging directory beside --output and moved there only when
+    complete and validated; --output must be new, empty, or a bundle (with --overwrite).
     """
     from pathlib import Path
 
-    from nvembed_sdk.errors import InputError
+    from nvembed_sdk.errors import InputError, fmt
 
     if to == "onnx":
         if precision == "bf16":
             raise InputError("precision bf16 | got --to onnx. Note: ONNX bundles are fp32, fp16, int8 or fp8; "
                              "bf16 is a TensorRT build precision (--to tensorrt)")
         path = _export_onnx(model, output, precision, opset, max_length, no_validate, calibration,
-                            calibration_size, force)
+                            calibration_size, force, overwrite)
         click.echo(f"wrote {path}")
         _echo_validation(path)
         return
     # TensorRT: target, host, TensorRT, GPU and compute capability are checked before any slow
     # work, so a machine without them fails in well under 10 s.
+    from nvembed_sdk.exporters.staging import staged_output
     from nvembed_sdk.exporters.trt_build import build_engine, preflight
     from nvembed_sdk.manifest import MANIFEST, read_manifest
 
     env = preflight(precision, target, device)
     source = Path(model)
-    if (source / MANIFEST).is_file() and read_manifest(source).get("kind") == "onnx":
-        onnx_dir = source  # an ONNX bundle: build from it directly
-    else:
-        onnx_precision = {"fp16": "fp16", "bf16": "fp32", "int8": "int8", "fp8": "fp8"}.get(precision, "fp32")
-        onnx_dir = Path(output) / "onnx"
-        _export_onnx(model, str(onnx_dir), onnx_precision, opset or env.target.opset_for(precision), max_length,
-                     no_validate, calibration, calibration_size, force)
-    plan = build_engine(onnx_dir, output, precision=precision, target=target, profiles=list(profiles) or None,
-                        workspace_gb=workspace_gb, opt_level=opt_level,
-                        timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
-                        device=device, verbose=verbose)
-    click.echo(f"wrote {plan}")
+    if Path(output).resolve() == source.resolve():
+        raise InputError(fmt("--output", output, "a directory other than the --model it is built from"))
+    with staged_output(output, overwrite=overwrite) as stage:  # onnx/ + engine.plan move in together
+        if (source / MANIFEST).is_file() and read_manifest(source).get("kind") == "onnx":
+            onnx_dir = source  # an ONNX bundle: build from it directly
+        else:
+            onnx_precision = {"fp16": "fp16", "bf16": "fp32", "int8": "int8", "fp8": "fp8"}.get(precision, "fp32")
+            onnx_dir = stage / "onnx"
+            _export_onnx(model, str(onnx_dir), onnx_precision, opset or env.target.opset_for(precision),
+                         max_length, no_validate, calibration, calibration_size, force)
+        build_engine(onnx_dir, stage, precision=precision, target=target, profiles=list(profiles) or None,
+                     workspace_gb=workspace_gb, opt_level=opt_level,
+                     timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
+                     device=device, verbose=verbose)
+    click.echo(f"wrote {output}")
 
 
 def _export_onnx(model: str, output: str, precision: str, opset: int | None, max_length: int | None,
-                 no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool) -> object:
+                 no_validate: bool, calibration: str | None, calibration_size: int | None, force: bool,
+                 overwrite: bool = False) -> object:
     if no_validate:
         click.echo("warning: --no-validate: the export is NOT checked against PyTorch", err=True)
     if precision in ("int8", "fp8"):
@@ -101,11 +111,11 @@ def _export_onnx(model: str, output: str, precision: str, opset: int | None, max
 
         return export_quantized(model, output, precision=precision, calibration=calibration,
                                 calibration_size=calibration_size, opset=opset, max_length=max_length,
-                                validate=not no_validate, force=force)
+                                validate=not no_validate, force=force, overwrite=overwrite)
     from nvembed_sdk.exporters.onnx_export import export_onnx
 
     return export_onnx(model, output, precision=precision, opset=opset, validate=not no_validate,
-                       max_length=max_length)
+                       max_length=max_length, overwrite=overwrite)
 
 
 def _echo_validation(bundle: object) -> None:
