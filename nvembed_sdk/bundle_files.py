@@ -5,8 +5,8 @@ in ``nvembed.json`` and checked at load, and a tokenizer whose ids fit the model
 tokenizer files) to ``{"bytes": N, "sha256": HEX}``. :func:`write_manifest` fills it from the
 files on disk, so every writer (ONNX, INT8/FP8, TensorRT, validation) records the files exactly
 as they are when the manifest, the last file of an export, is written. Load always compares
-sizes, always compares hashes of files under :data:`ALWAYS_HASH_BELOW` (a 1 GB file hashes in
-about 2 s) and hashes larger files only with ``verify=True``.
+sizes, always compares hashes of files under :data:`ALWAYS_HASH_BELOW` and hashes larger files
+only with ``verify=True`` (sha256 ran at about 270 MB/s on a shared CPU here).
 """
 
 from __future__ import annotations

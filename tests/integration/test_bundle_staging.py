@@ -80,10 +80,15 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 FRESH_PHASES = ["model-written", "validating", "validated"]
 REEXPORT_PHASES = ["model-written", "validating", "validated", "exchanged", "aside"]
-FAST = {"validating", "exchanged"}  # the rest run with -m slow (each is one more export process)
+# Each phase is one more export process (10-40 s on a busy 2-core box): the rest run with -m slow.
+FAST_FRESH, FAST_REEXPORT = {"validated"}, {"validating", "exchanged"}
 
 
-@pytest.mark.parametrize("phase", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in FRESH_PHASES])
+def _tiered(phases: list[str], fast: set[str]) -> list:
+    return [p if p in fast else pytest.param(p, marks=pytest.mark.slow) for p in phases]
+
+
+@pytest.mark.parametrize("phase", _tiered(FRESH_PHASES, FAST_FRESH))
 def test_killed_fresh_export_never_loads(phase, tiny_checkpoint, tmp_path):
     out = tmp_path / "bundle"
     _kill_at(phase, tiny_checkpoint, out, *([] if phase == "validating" else ["--no-validate"]))
@@ -97,8 +102,7 @@ def test_killed_fresh_export_never_loads(phase, tiny_checkpoint, tmp_path):
     assert _leftovers(tmp_path, "bundle") == []
 
 
-@pytest.mark.parametrize("phase", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow)
-                                   for p in REEXPORT_PHASES])
+@pytest.mark.parametrize("phase", _tiered(REEXPORT_PHASES, FAST_REEXPORT))
 def test_killed_reexport_keeps_the_previous_bundle(phase, previous, other_checkpoint, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(previous, out)
@@ -185,7 +189,7 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch
 
     monkeypatch.setattr(validate, "tolerance_for", lambda precision: Tolerance(1.0 + 1e-9, 1.0))
     with pytest.raises(ToleranceExceeded):
-        export_onnx(tiny_checkpoint, tmp_path / "strict")
+        export_onnx(tiny_checkpoint, tmp_path / "strict", texts=SAMPLE_TEXTS * 2)
     assert list(tmp_path.iterdir()) == []
 
 
