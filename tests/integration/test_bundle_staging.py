@@ -4,6 +4,7 @@ is refused untouched, and of two concurrent exports to one target exactly one su
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -45,7 +46,7 @@ def previous(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _start(phase: str, checkpoint: Path, output: Path, *extra: str) -> subprocess.Popen:
@@ -230,3 +231,54 @@ def test_quantized_export_is_staged(tiny_checkpoint, tmp_path):
     with pytest.raises(ArtifactError, match="not an nvembed bundle"):
         export_quantized(tiny_checkpoint, out, precision="int8", calibration_size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_tensorrt_cli_stages_onnx_and_engine_together(tiny_checkpoint, tmp_path, monkeypatch):
+    """The CLI's checkpoint -> ONNX -> engine path moves onnx/ and engine.plan in together.
+
+    TensorRT cannot run here: a stand-in replaces only the builder (it writes an engine bundle the
+    way build_engine does: plan, tokenizer, manifest last, through the same staging decorator).
+    """
+    from types import SimpleNamespace
+
+    import nvembed_sdk.exporters.trt_build as trt_build
+    from nvembed_sdk.bundle_files import verify_files
+    from nvembed_sdk.exporters.staging import staged
+    from nvembed_sdk.manifest import read_manifest, write_manifest
+
+    calls = []
+
+    @staged("output_dir", inputs=("onnx_path",))
+    def fake_build(onnx_path, output_dir, fail=False, **kw):
+        calls.append((Path(onnx_path), Path(output_dir)))
+        out = Path(output_dir)
+        (out / "engine.plan").write_bytes(b"engine bytes")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(Path(onnx_path) / name, out / name)
+        if fail:
+            raise ArtifactError("stand-in builder | got a failure. Note: test")
+        write_manifest(out, {"kind": "tensorrt", "precision": "fp16", "files": {"model": "engine.plan"},
+                             "model": read_manifest(onnx_path)["model"], "text": {"max_length": 64}})
+        return out
+
+    target = SimpleNamespace(opset_for=lambda precision: 20)
+    monkeypatch.setattr(trt_build, "preflight", lambda *a, **k: SimpleNamespace(target=target))
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    out = tmp_path / "trt"
+    args = ["export", "--model", str(tiny_checkpoint), "--to", "tensorrt", "--precision", "fp16",
+            "--output", str(out), "--no-validate"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    (onnx_dir, stage), = calls
+    assert stage.name.startswith(".trt.staging-") and onnx_dir == stage / "onnx"  # built inside the staging dir
+    assert sorted(p.name for p in out.iterdir()) == ["engine.plan", "nvembed.json", "onnx", "special_tokens_map.json",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    verify_files(out, read_manifest(out), full=True)
+    verify_files(out / "onnx", read_manifest(out / "onnx"), full=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trt"]
+    # A builder failure after the ONNX step leaves the previous bundle as it was.
+    before = _snapshot(out)
+    monkeypatch.setattr(trt_build, "build_engine", functools.partial(fake_build, fail=True))
+    res = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert res.exit_code == 1 and "stand-in builder" in res.output
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["trt"]
