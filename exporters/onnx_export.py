@@ -27,7 +27,7 @@ from nvembed_sdk.checkpoint import load_model
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.exporters.custom_op import DOMAIN, OP_NAME, OP_VERSION, WEIGHT_INPUTS, head_function
-from nvembed_sdk.exporters.staging import staged
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, POOL_RULE, checkpoint_hash, write_manifest
 from nvembed_sdk.model import RMSNorm
 from nvembed_sdk.text import TextPipeline
@@ -263,7 +263,7 @@ def export_onnx(
         validate_export(src, out, texts=texts)  # records the report in nvembed.json, raises outside budget
     else:
         if warn_unvalidated:
-            log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", out)
+            log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", final_path(out))
         manifest["validation"] = {"skipped": True}
         write_manifest(out, manifest)
     return out

@@ -34,7 +34,7 @@ from nvembed_sdk._optional import require
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
-from nvembed_sdk.exporters.staging import staged
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import default_texts, read_texts
@@ -373,5 +373,5 @@ def export_quantized(
         if not report and not force:
             report.raise_if_failed()
         if not report:
-            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s", out, precision, report)
+            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s", final_path(out), precision, report)
     return out

@@ -37,7 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Staging directories of exports running in this process: an export called by another one
 # (quantize -> onnx, the TensorRT CLI -> onnx + engine) writes straight into the outer staging.
-_ACTIVE: set[Path] = set()
+_ACTIVE: dict[Path, Path] = {}  # staging directory -> final target
 _BUNDLE_KINDS = ("onnx", "tensorrt")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -50,6 +50,19 @@ def _hidden(target: Path, what: str) -> str:
 def _within_active(target: Path) -> bool:
     t = target.resolve()
     return any(t == s or s in t.parents for s in _ACTIVE)
+
+
+def final_path(path: str | Path) -> Path:
+    """Where ``path`` (inside a staging directory of this process) will be once the export completes.
+
+    For messages and manifest fields that name a bundle: they should name the target, not the
+    staging directory that disappears.
+    """
+    p = Path(path).resolve()
+    for stage, target in _ACTIVE.items():
+        if p == stage or stage in p.parents:
+            return target / p.relative_to(stage)
+    return Path(path)
 
 
 def is_bundle(path: Path) -> bool:
@@ -202,14 +215,14 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become the bundle's mode
-        _ACTIVE.add(stage)
+        _ACTIVE[stage] = t
         try:
             yield stage
             _check_complete(stage)
             check_target(t, overwrite)  # nothing else may have appeared there meanwhile
             _commit(stage, t)
         finally:
-            _ACTIVE.discard(stage)
+            _ACTIVE.pop(stage, None)
             shutil.rmtree(stage, ignore_errors=True)
 
 

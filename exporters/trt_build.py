@@ -35,7 +35,7 @@ from typing import Any
 from nvembed_sdk._optional import require
 from nvembed_sdk.bundle_files import verify_files
 from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, fmt
-from nvembed_sdk.exporters.staging import staged
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.exporters.targets import (
     QDQ_PRECISIONS,
     Profile,
@@ -360,7 +360,7 @@ def build_engine(
             "plan_bytes": size,
         },
         "source": {
-            "onnx": str(src_dir.resolve()),
+            "onnx": str(final_path(src_dir.resolve())),  # the target path, not the staging dir
             "onnx_sha256": sha256_file(onnx_file),
             "onnx_precision": onnx_precision,
             "opset": src.get("opset"),

@@ -189,8 +189,9 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch
     from nvembed_sdk.parity import Tolerance
 
     monkeypatch.setattr(validate, "tolerance_for", lambda precision: Tolerance(1.0 + 1e-9, 1.0))
-    with pytest.raises(ToleranceExceeded):
+    with pytest.raises(ToleranceExceeded) as err:
         export_onnx(tiny_checkpoint, tmp_path / "strict", texts=SAMPLE_TEXTS * 2)
+    assert err.value.report.candidate.startswith(f"{tmp_path / 'strict'} [")  # the target, not the staging dir
     assert list(tmp_path.iterdir()) == []
 
 
