@@ -140,12 +140,14 @@ def _lock(target: Path) -> Iterator[None]:
 
 def _recover(target: Path) -> None:
     """Under the lock: undo a swap cut between its two renames, drop leftovers of killed exports."""
-    parent = target.parent
-    olds = sorted(parent.glob(_hidden(target, "old-*")), key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = list(target.parent.iterdir())  # not glob: a target name may hold [ or *
+    olds = sorted((e for e in entries if e.name.startswith(_hidden(target, "old-"))),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
     if olds and not target.exists() and is_bundle(olds[0]):
         os.rename(olds[0], target)  # the previous bundle, unchanged
         olds = olds[1:]
-    for leftover in [*olds, *parent.glob(_hidden(target, "staging-*"))]:
+    stages = [e for e in entries if e.name.startswith(_hidden(target, "staging-"))]
+    for leftover in [*olds, *stages]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -53,7 +53,7 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
     if (p / MANIFEST).is_file():
         m = read_manifest(p)
         kind = m.get("kind")
-        model_file = bundle_model_file(p, m)  # inside the bundle only
+        model_file = bundle_model_file(p, m) if kind in ("onnx", "tensorrt") else p  # inside the bundle only
         if kind == "onnx":
             return "onnxruntime", model_file, p
         if kind == "tensorrt":
