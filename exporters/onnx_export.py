@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from nvembed_sdk._optional import require
+from nvembed_sdk.bundle_files import check_token_range
 from nvembed_sdk.checkpoint import load_model
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.exporters.custom_op import DOMAIN, OP_NAME, OP_VERSION, WEIGHT_INPUTS, head_function
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, POOL_RULE, checkpoint_hash, write_manifest
 from nvembed_sdk.model import RMSNorm
 from nvembed_sdk.text import TextPipeline
@@ -181,6 +183,7 @@ def save_onnx(proto: Any, path: Path) -> list[str]:
     return [path.name]
 
 
+@staged("output")  # written beside `output`, moved into place when complete and validated
 def export_onnx(
     model: str | Path,
     output: str | Path,
@@ -196,7 +199,9 @@ def export_onnx(
 
     Args:
         model: checkpoint directory (released layout, with tokenizer.json).
-        output: bundle directory (created; an existing bundle there is replaced).
+        output: bundle directory, written through a staging directory beside it
+            (exporters/staging.py). Must be new, empty, or a bundle with ``overwrite``.
+        overwrite: replace an existing bundle at ``output`` whole. Defaults to False.
         precision: ``fp32`` or ``fp16``. Defaults to fp32.
         opset: ONNX opset. Defaults to 20 (≤ 20 builds on Jetson Orin's TensorRT 10.3).
         validate: compare with PyTorch fp32 on real text at untraced shapes and fail outside the
@@ -212,12 +217,13 @@ def export_onnx(
         The bundle directory.
 
     Raises:
-        ToleranceExceeded: validation outside the budget (the bundle is left in place, the
-            manifest records the failing report).
+        ToleranceExceeded: validation outside the budget (nothing is written at ``output``).
+        ArtifactError: ``output`` holds other files, or another export is writing it.
     """
     src = Path(model)
     cfg = NVEmbedConfig.from_file(src)
     pipe = TextPipeline(src)  # fails early on a missing tokenizer
+    check_token_range(src, cfg.text.vocab_size)  # and on one with more ids than the embedding
     opset = int(opset or DEFAULT_OPSET)
     if opset < 18:
         raise InputError(fmt("opset", opset, ">= 18 (LayerNormalization, Split num_outputs)"))
@@ -258,7 +264,7 @@ def export_onnx(
         validate_export(src, out, texts=texts)  # records the report in nvembed.json, raises outside budget
     else:
         if warn_unvalidated:
-            log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", out)
+            log.warning("export validation SKIPPED (--no-validate): %s is not checked against PyTorch", final_path(out))
         manifest["validation"] = {"skipped": True}
         write_manifest(out, manifest)
     return out

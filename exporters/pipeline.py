@@ -76,6 +76,7 @@ def export(
     strongly_typed: bool | None = None,
     device: str | None = None,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export a checkpoint to an ONNX bundle or a TensorRT engine bundle.
 
@@ -106,6 +107,8 @@ def export(
         strongly_typed: TensorRT 10.x network typing. Defaults to None (auto).
         device: TensorRT build GPU. Defaults to the current CUDA device.
         verbose: verbose TensorRT log. Defaults to False.
+        overwrite: replace an existing bundle of this SDK at ``output`` (swapped in only once the
+            new one is complete). Defaults to False.
 
     Returns:
         The bundle directory.
@@ -115,26 +118,36 @@ def export(
         BackendUnavailableError: onnx / onnxruntime / modelopt / tensorrt / CUDA missing.
         ToleranceExceeded: a quantised export outside the budget (with the sensitivity report).
     """
+    from nvembed_sdk.errors import InputError, fmt
+    from nvembed_sdk.exporters.staging import check_target, staged_output
+
     plan = check_export(to, precision, model, runtime, target, strongly_typed, opset, calibration, calibration_size)
+    if Path(output).resolve() == Path(model).resolve():
+        raise InputError(fmt("--output", str(output), "a directory other than the --model it is exported from"))
+    check_target(output, overwrite)  # a foreign or existing target is refused before any slow work
     if to == "onnx":
-        return write_onnx_bundle(model, output, plan, max_length=max_length, validate=validate,
-                                 calibration=calibration, calibration_size=calibration_size, force=force,
-                                 fallback=fallback, fp8_attention=fp8_attention)
+        with staged_output(output, overwrite=overwrite) as stage:  # renamed into place when complete and validated
+            write_onnx_bundle(model, stage, plan, max_length=max_length, validate=validate,
+                              calibration=calibration, calibration_size=calibration_size, force=force,
+                              fallback=fallback, fp8_attention=fp8_attention)
+        return Path(output)
     from nvembed_sdk.exporters.trt_build import preflight
 
     env = preflight(precision, target, device)
     source = _onnx_source(model)
     plan = make_plan(to, precision, target=target, trt_major=env.trt_major, strongly_typed=strongly_typed,
                      opset=opset or (None if source else env.target.opset_for(precision)), source=source)
-    if source is not None:
-        onnx_dir = Path(model)
-    else:
-        onnx_dir = write_onnx_bundle(model, Path(output) / "onnx", plan, max_length=max_length, validate=validate,
-                                     calibration=calibration, calibration_size=calibration_size, force=force,
-                                     fallback=fallback, fp8_attention=fp8_attention)
-    return write_engine_bundle(onnx_dir, output, precision=precision, target=target, profiles=profiles,
-                               workspace_gb=workspace_gb, opt_level=opt_level, timing_cache=timing_cache,
-                               strongly_typed=strongly_typed, device=device, verbose=verbose)
+    with staged_output(output, overwrite=overwrite) as stage:  # onnx/ + engine.plan move in together
+        if source is not None:
+            onnx_dir = Path(model)
+        else:
+            onnx_dir = write_onnx_bundle(model, stage / "onnx", plan, max_length=max_length, validate=validate,
+                                         calibration=calibration, calibration_size=calibration_size, force=force,
+                                         fallback=fallback, fp8_attention=fp8_attention)
+        write_engine_bundle(onnx_dir, stage, precision=precision, target=target, profiles=profiles,
+                            workspace_gb=workspace_gb, opt_level=opt_level, timing_cache=timing_cache,
+                            strongly_typed=strongly_typed, device=device, verbose=verbose)
+    return Path(output)
 
 
 def write_onnx_bundle(model: str | Path, output: str | Path, plan: Plan, max_length: int | None = None,

@@ -41,6 +41,7 @@ from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.integrations.st_files import write_st_files
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
@@ -280,6 +281,7 @@ def summarize_qdq(path: str | Path) -> dict[str, Any]:
 SIMULATED_MARGIN = 0.008
 
 
+@staged("output")  # written beside `output`, moved into place when complete and validated
 def export_quantized(
     model: str | Path,
     output: str | Path,
@@ -308,7 +310,9 @@ def export_quantized(
 
     Args:
         model: checkpoint directory.
-        output: bundle directory.
+        output: bundle directory, written through a staging directory beside it
+            (exporters/staging.py). Must be new, empty, or a bundle with ``overwrite``.
+        overwrite: replace an existing bundle at ``output`` whole. Defaults to False.
         precision: ``int8`` or ``fp8``. Defaults to int8.
         calibration: calibration texts (.txt or .jsonl[.gz]). Defaults to the shipped set.
         calibration_size: number of calibration texts. Defaults to 256.
@@ -423,7 +427,7 @@ def export_quantized(
 
                 raise ToleranceExceeded(f"{report}\n{detail}\nNote: --calibration with texts like yours, "
                                         "--precision fp8 on compute capability >= 8.9, or --force to keep it", report)
-            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s\n%s", out, precision, report,
+            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s\n%s", final_path(out), precision, report,
                         detail)
     return out
 

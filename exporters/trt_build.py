@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk._optional import require
+from nvembed_sdk.bundle_files import verify_files
 from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, TensorRTError, fmt
 from nvembed_sdk.exporters.plan import plan_precision  # the one precision table (exporters/plan.py)
+from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.exporters.targets import (
     Profile,
     Target,
@@ -122,6 +124,7 @@ def _bundle(onnx_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
         raise ArtifactError(fmt("ONNX bundle", f"{p} does not exist", "a bundle dir or its model.onnx"))
     directory = p if p.is_dir() else p.parent
     manifest = read_manifest(directory)
+    verify_files(directory, manifest)  # build from the source as it was exported, nothing else
     if manifest.get("kind") != "onnx":
         raise ArtifactError(fmt(str(directory / MANIFEST), f"kind {manifest.get('kind')!r}",
                                 "an ONNX bundle (kind 'onnx'): nvembed-export --to onnx"))
@@ -145,6 +148,7 @@ def _as_profiles(profiles: str | Iterable[str] | Iterable[Profile] | None) -> li
     return parse_profiles([str(p) for p in items])
 
 
+@staged("output_dir", inputs=("onnx_path",))  # engine.plan + manifest appear together, complete
 def build_engine(
     onnx_path: str | Path,
     output_dir: str | Path,
@@ -162,7 +166,9 @@ def build_engine(
 
     Args:
         onnx_path: an ONNX bundle directory or its ``model.onnx`` (external data beside it).
-        output_dir: the engine bundle directory (created; must differ from the ONNX bundle).
+        output_dir: the engine bundle directory (staged beside it, exporters/staging.py; must
+            differ from the ONNX bundle). Must be new, empty, or a bundle with ``overwrite``.
+        overwrite: replace an existing bundle at ``output_dir`` whole. Defaults to False.
         precision: ``fp32``, ``fp16``, ``bf16``, ``int8`` or ``fp8`` (int8/fp8 need a Q/DQ bundle).
         target: ``datacenter``, ``jetson-orin`` or ``jetson-thor``. Defaults to datacenter.
         profiles: ``--profile`` strings (``MIN:OPT:MAX`` of ``BATCHxSEQ``) or :class:`Profile`s.
@@ -313,7 +319,7 @@ def build_engine(
                 "plan_sha256": sha256_file(tmp),
             },
             "source": {
-                "onnx": str(src_dir.resolve()),
+                "onnx": str(final_path(src_dir.resolve())),  # the target path, not the staging dir
                 "onnx_sha256": sha256_file(onnx_file),
                 "onnx_precision": onnx_precision,
                 "opset": src.get("opset"),
@@ -323,8 +329,10 @@ def build_engine(
             "build": {"tool": "nvembed-sdk", "tensorrt": env.facts["version"], "torch": torch.__version__,
                       "seconds": round(time.perf_counter() - t0, 1)},
         }
-        write_manifest(out, manifest)
+        # Inside the staging directory (exporters/staging.py): the plan takes its name, then the
+        # manifest, which records every file's size and sha256, is written last.
         tmp.replace(out / ENGINE_FILE)
+        write_manifest(out, manifest)
     finally:
         tmp.unlink(missing_ok=True)
     if cache_path is not None and cache_blob:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from nvembed_sdk.embedder import DEFAULT_TASK, Embedder, query_instruction
+from nvembed_sdk.exporters.staging import final_path
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.parity import ParityReport, Tolerance, compare_arrays, tolerance_for
 from nvembed_sdk.textsets import default_texts
@@ -79,7 +80,7 @@ def validate_export(
     retrieval = compare_arrays(docs[0], docs[1], items, tol, queries=q)
     probes = compare_arrays(np.concatenate(ref_rows), np.concatenate(cand_rows), labels, tol)
     report = ParityReport(
-        reference=f"{checkpoint} [torch fp32]", candidate=f"{bundle} [{cand.backend} {precision}]",
+        reference=f"{checkpoint} [torch fp32]", candidate=f"{final_path(bundle)} [{cand.backend} {precision}]",
         num_texts=probes.num_texts + retrieval.num_texts,
         min_cosine=min(probes.min_cosine, retrieval.min_cosine),
         mean_cosine=float(np.mean([probes.mean_cosine, retrieval.mean_cosine])),

@@ -144,8 +144,12 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """Facts about a checkpoint (even config-only) or a bundle, for ``nvembed info``."""
+def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """Facts about a checkpoint (even config-only) or a bundle, for ``nvembed info``.
+
+    A bundle's files are checked against its manifest as :meth:`Embedder.load` does (sizes,
+    sha256 under 2 GB); ``verify`` hashes every file.
+    """
     from nvembed_sdk.config import NVEmbedConfig
     from nvembed_sdk.errors import ArtifactError, fmt
     from nvembed_sdk.manifest import MANIFEST, read_manifest
@@ -159,6 +163,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     if (p / MANIFEST).is_file():
         m = read_manifest(p)
         info.update(kind=m.get("kind"), precision=m.get("precision"), files=m.get("files"))
+        info["checksums"] = _check_files(p, m, verify)
         model = m.get("model", {})
         info.update(_graph_facts(p, m))
     else:
@@ -216,13 +221,26 @@ def _graph_facts(p: Path, m: dict[str, Any]) -> dict[str, Any]:
     out[f"MACs by dtype ({graph['probe']})"] = format_shares(graph["macs"])
     out["activation bytes by dtype"] = format_shares(graph["activation_bytes"])
     return out
+def _check_files(p: Path, m: dict[str, Any], verify: bool) -> str:
+    from nvembed_sdk.bundle_files import ALWAYS_HASH_BELOW, model_file, verify_files
+
+    model_file(p, m)
+    verify_files(p, m, full=verify)
+    records = m.get("checksums")
+    if not records:
+        return f"none (format_version {m.get('format_version')}: files not verified; re-export to add them)"
+    big = [n for n, r in records.items() if r["bytes"] >= ALWAYS_HASH_BELOW]
+    if verify or not big:
+        return f"OK: {len(records)} files, sizes and sha256 match"
+    return f"OK: {len(records)} files, sizes match, sha256 of all but {', '.join(big)} (--verify hashes those)"
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--verify", is_flag=True, help="Hash every bundle file, also those of 2 GB and more.")
 @fail_cleanly
-def info(path: str, as_json: bool) -> None:
+def info(path: str, as_json: bool, verify: bool) -> None:
     """Describe a checkpoint or bundle: architecture, parameters, dtype, tokenizer, max length.
 
     Works on a directory holding only config.json (no weights needed).
@@ -232,7 +250,7 @@ def info(path: str, as_json: bool) -> None:
       nvembed info models/nvembed-debian-small
       nvembed info out/onnx --json
     """
-    facts = describe(path)
+    facts = describe(path, verify=verify)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return

@@ -20,6 +20,8 @@ PRECISIONS = ["fp32", "fp16", "bf16", "int8", "fp8"]
                    "CPU integer kernels); tensorrt: fp16 base around the Q/DQ GEMMs. Default: onnxruntime for "
                    "int8, tensorrt for fp8.")
 @click.option("--output", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing bundle at --output (swapped in only once the new one is complete).")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: 20 (fp32/fp16/int8), 21 (fp8).")
 @click.option("--max-length", type=int, default=None, help="Text max length recorded in the bundle. Default: the checkpoint's.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch fp32 (NOT recommended).")
@@ -52,7 +54,8 @@ def export(model: str, to: str, precision: str, runtime: str | None, output: str
            max_length: int | None, no_validate: bool, calibration: str | None, calibration_size: int | None,
            force: bool, no_fallback: bool, fp8_attention: bool | None, target: str, profiles: tuple[str, ...],
            workspace_gb: float | None, opt_level: int, timing_cache: str | None, no_timing_cache: bool,
-           strongly_typed: bool | None, device: str | None, verbose: bool) -> None:
+           strongly_typed: bool | None, device: str | None, verbose: bool,
+           overwrite: bool) -> None:
     """Export an NV-Embed checkpoint to an ONNX bundle or a TensorRT engine bundle.
 
     \b
@@ -71,6 +74,9 @@ def export(model: str, to: str, precision: str, runtime: str | None, output: str
 
     Every ONNX export is validated against PyTorch fp32 on real text at untraced shapes and fails
     outside the README budget (report stored in nvembed.json).
+
+    The bundle is written in a staging directory beside --output and moved there only when
+    complete and validated; --output must be new, empty, or a bundle (with --overwrite).
     """
     from nvembed_sdk.exporters.pipeline import export as run_export
 
@@ -81,7 +87,7 @@ def export(model: str, to: str, precision: str, runtime: str | None, output: str
                       force=force, fallback=not no_fallback, fp8_attention=fp8_attention, target=target,
                       profiles=profiles, workspace_gb=workspace_gb, opt_level=opt_level,
                       timing_cache=False if no_timing_cache else timing_cache, strongly_typed=strongly_typed,
-                      device=device, verbose=verbose)
+                      device=device, verbose=verbose, overwrite=overwrite)
     click.echo(f"wrote {path}")
     if to == "onnx":
         _echo_validation(path)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from nvembed_sdk.bundle_files import check_token_range, model_vocab_size, same_file, verify_files
+from nvembed_sdk.bundle_files import model_file as bundle_model_file
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.manifest import MANIFEST, read_manifest
 from nvembed_sdk.text import TextPipeline, check_texts, check_utf8
@@ -41,6 +43,8 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
         raise ArtifactError(fmt("artifact", f"{p} does not exist",
                                 "a checkpoint dir, a bundle dir, a model.onnx or an engine.plan"))
     if p.is_file():
+        if (p.parent / MANIFEST).is_file():  # a file inside a bundle must be the bundle's model file
+            same_file(p, bundle_model_file(p.parent, read_manifest(p.parent)))
         if p.suffix == ".onnx":
             return "onnxruntime", p, p.parent
         if p.suffix in (".plan", ".engine", ".trt"):
@@ -49,7 +53,7 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
     if (p / MANIFEST).is_file():
         m = read_manifest(p)
         kind = m.get("kind")
-        model_file = p / str(m.get("files", {}).get("model", ""))
+        model_file = bundle_model_file(p, m) if kind in ("onnx", "tensorrt") else p  # inside the bundle only
         if kind == "onnx":
             return "onnxruntime", model_file, p
         if kind == "tensorrt":
@@ -91,13 +95,16 @@ class Embedder:
         self.text = text
 
     @classmethod
-    def load(cls, path: str | Path, backend: str | None = None, device: str | None = None, **options: Any) -> Embedder:
+    def load(cls, path: str | Path, backend: str | None = None, device: str | None = None, verify: bool = False,
+             **options: Any) -> Embedder:
         """Load a checkpoint dir, a bundle dir, a ``model.onnx`` or an ``engine.plan``.
 
         Args:
             path: the artifact.
             backend: ``torch``, ``onnxruntime`` or ``tensorrt``. Defaults to the artifact's own.
             device: ``cpu``, ``cuda``, ``cuda:N``. Defaults to CUDA when available, else CPU.
+            verify: also hash a bundle's files of 2 GB and more against its manifest (sizes,
+                and hashes of smaller files, are always checked). Defaults to False.
             **options: backend options, e.g. ``precision="bf16"`` (torch) or
                 ``providers=[...]``, ``intra_op_num_threads=2`` (onnxruntime).
 
@@ -113,6 +120,10 @@ class Embedder:
         if backend is not None:
             backend_class(backend)  # an unknown name lists the valid backends, before the artifact is read
         kind, model_path, directory = detect(path)
+        manifest = read_manifest(directory) if kind != "torch" and (directory / MANIFEST).is_file() else None
+        if manifest is not None:
+            verify_files(directory, manifest, full=verify)  # sizes, and sha256 under 2 GB (all with verify)
+        check_token_range(directory, model_vocab_size(kind, directory, manifest))  # before any weights load
         name = backend or kind
         if name == "torch" and kind != "torch":
             raise ArtifactError(fmt("backend 'torch'", f"a {kind} artifact", "a checkpoint directory"))

@@ -138,8 +138,11 @@ def test_corrupt_onnx_is_an_artifact_error(bundle_fp32, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(bundle_fp32, broken)
     (broken / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="model.onnx .* 11 bytes, the manifest records"):
+        Embedder.load(broken)  # the manifest's checksums catch it before ONNX Runtime
+    (broken / "nvembed.json").unlink()  # a bare model.onnx: ONNX Runtime's own refusal, one line
     with pytest.raises(ArtifactError, match="ONNX Runtime could not load"):
-        Embedder.load(broken)
+        Embedder.load(broken / "model.onnx")
 
 
 def test_explicit_providers(bundle_fp32):
