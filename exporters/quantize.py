@@ -40,8 +40,8 @@ from nvembed_sdk._optional import require
 from nvembed_sdk.config import NVEmbedConfig
 from nvembed_sdk.embedder import DEFAULT_TASK, query_instruction
 from nvembed_sdk.errors import InputError, fmt
-from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.exporters.staging import final_path, staged
+from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import read_manifest, write_manifest
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
