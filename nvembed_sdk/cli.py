@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "mine": "nvembed_sdk.train.cli:mine",
     "eval": "nvembed_sdk.train.cli:evaluate",
     "tokenizer": "nvembed_sdk.train.cli:tokenizer",
+    "serve": "nvembed_sdk.cli_serve:serve",
 }
 
 
