@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from nvembed_sdk.embedder import Embedder
@@ -32,6 +36,20 @@ def build_server(embedder: Embedder | Any, settings: ServeSettings, log_level: s
                 log.info("signal %d: draining (ready=false, admitting nothing new)", sig)
             state.begin_drain()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after its shutdown (exit status -15); a completed
+            # drain is a clean stop, so exit 0 instead
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None, server_header=False)

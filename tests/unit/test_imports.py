@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft")
+HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft", "fastapi", "starlette", "uvicorn", "prometheus_client",
+         "pydantic", "orjson")
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -21,6 +22,13 @@ print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))
 
 def test_import_is_light():
     loaded = _loaded_after("import nvembed_sdk; from nvembed_sdk import Embedder; import nvembed_sdk.cli")
+    assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
+
+
+def test_serve_package_and_settings_are_light():
+    # the package, its settings and the batcher load without the serve extra's web stack
+    loaded = _loaded_after("import nvembed_sdk.serve; from nvembed_sdk.serve.settings import ServeSettings; "
+                           "import nvembed_sdk.serve.batcher; import nvembed_sdk.cli_serve")
     assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
 
 
