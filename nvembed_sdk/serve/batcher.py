@@ -5,10 +5,11 @@ the returned future. Three parties:
 
 * the event loop admits a request (``submit``): its rows' tokens count against
   ``max_queue_tokens`` until they are embedded; over the limit it raises :class:`QueueFull`;
-* the packer thread picks the oldest waiting row and packs it with rows of similar length
-  (length-sorted) under ``max_batch_tokens`` padded tokens and ``max_batch_requests`` rows,
-  collates them (right padding) and hands the batch over; it packs the next batch while the
-  current one runs (a hand-over queue of one);
+* the packer thread sorts the waiting rows by length and takes the run that wastes the fewest
+  padded tokens under ``max_batch_tokens`` (rows x longest) and ``max_batch_requests`` rows,
+  except that the oldest row goes once it has been passed over ``patience`` times (nothing
+  starves); it collates them (right padding) and hands the batch over, packing the next batch
+  while the current one runs (a hand-over queue of one);
 * the worker thread runs the model (CUDA and TensorRT contexts stay on this one thread),
   normalises, writes each row into its request's output in the request's order, and resolves the
   request's future on the event loop once all its rows are done (a big request spans batches).
@@ -79,25 +80,42 @@ class Observer:
     def queue(self, tokens: int, rows: int) -> None: ...
 
 
-def pack(rows: Sequence[_Row], max_tokens: int, max_rows: int) -> tuple[list[_Row], list[_Row]]:
-    """Choose one batch: the oldest row plus neighbours of similar length.
+def pack(rows: Sequence[_Row], max_tokens: int, max_rows: int, force_oldest: bool = True) -> tuple[list[_Row], list[_Row]]:
+    """Choose one batch from the waiting rows.
 
-    Rows sorted longest first form a line; the batch is a contiguous run of it around the oldest
-    row, grown towards shorter rows first (they do not widen the batch), then towards longer
-    ones, while ``rows x longest <= max_tokens`` and ``rows <= max_rows``. The oldest row always
-    goes, so nothing starves.
+    Rows sorted longest first form a line; a batch is a contiguous run of it, as many rows as
+    ``rows x longest <= max_tokens`` and ``rows <= max_rows`` allow. With ``force_oldest`` the
+    run is the one around the oldest row (grown towards shorter rows first: they do not widen
+    the batch); otherwise it is the full run that wastes the fewest padded tokens. The batcher
+    forces the oldest row once it has been passed over a few times, so nothing starves.
 
     Returns:
         (chosen rows, the rest).
     """
     line = sorted(rows, key=lambda r: (-r.length, r.seq))
-    k = min(range(len(line)), key=lambda i: line[i].seq)
-    lo = hi = k
-    while hi + 1 < len(line) and hi - lo + 2 <= max_rows and (hi - lo + 2) * line[lo].length <= max_tokens:
-        hi += 1
-    while lo > 0 and hi - lo + 2 <= max_rows and (hi - lo + 2) * line[lo - 1].length <= max_tokens:
-        lo -= 1
-    return line[lo : hi + 1], line[:lo] + line[hi + 1 :]
+    if force_oldest:
+        k = min(range(len(line)), key=lambda i: line[i].seq)
+        lo = hi = k
+        while hi + 1 < len(line) and hi - lo + 2 <= max_rows and (hi - lo + 2) * line[lo].length <= max_tokens:
+            hi += 1
+        while lo > 0 and hi - lo + 2 <= max_rows and (hi - lo + 2) * line[lo - 1].length <= max_tokens:
+            lo -= 1
+        return line[lo : hi + 1], line[:lo] + line[hi + 1 :]
+    lengths = [r.length for r in line]
+    prefix = [0]
+    for n in lengths:
+        prefix.append(prefix[-1] + n)
+    best, best_lo, best_hi = -1.0, 0, 1
+    for lo, width in enumerate(lengths):
+        hi = min(len(line), lo + max(1, min(max_rows, max_tokens // width)))
+        real = prefix[hi] - prefix[lo]
+        score = real / ((hi - lo) * width)  # real / padded tokens of a full run
+
+        if score > best:
+            best, best_lo, best_hi = score, lo, hi
+        if hi == len(line):  # later runs are shorter tails of this one
+            break
+    return line[best_lo:best_hi], line[:best_lo] + line[best_hi:]
 
 
 class Batcher:
@@ -115,7 +133,7 @@ class Batcher:
 
     def __init__(self, run: Callable[[Batch], np.ndarray], collate: Callable[..., Batch], dim: int,
                  max_batch_tokens: int, max_batch_requests: int, max_queue_tokens: int,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, patience: int = 3) -> None:
         self._run = run
         self._collate = collate
         self.dim = dim
@@ -133,6 +151,8 @@ class Batcher:
         self._packer = threading.Thread(target=self._pack_loop, name="nvembed-packer", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name="nvembed-worker", daemon=True)
         self.batches = 0
+        self.patience = patience  # batches the oldest row may be passed over for a better-packed one
+        self._oldest = (-1, 0)  # (seq of the oldest waiting row, times passed over)
 
     # ---- event-loop side ---------------------------------------------------------------------
 
@@ -207,7 +227,11 @@ class Batcher:
                     self._cond.wait()
                 if not self._pending:  # closing and empty
                     break
-                chosen, self._pending = pack(self._pending, self.max_batch_tokens, self.max_batch_requests)
+                oldest = min(r.seq for r in self._pending)
+                passed = self._oldest[1] + 1 if oldest == self._oldest[0] else 0
+                force = passed >= self.patience
+                chosen, self._pending = pack(self._pending, self.max_batch_tokens, self.max_batch_requests, force)
+                self._oldest = (oldest, passed)
             rows = [r.job.rows[r.index] for r in chosen]
             batch = self._collate(rows, [r.job.starts[r.index] for r in chosen])
             self._handoff.put((chosen, batch))

@@ -27,7 +27,7 @@ def test_pack_respects_budgets_keeps_oldest_and_loses_nothing(seed):
     pending, seen = list(rows), []
     while pending:
         oldest = min(r.seq for r in pending)
-        chosen, pending = pack(pending, max_tokens=1024, max_rows=16)
+        chosen, pending = pack(pending, max_tokens=1024, max_rows=16, force_oldest=True)
         assert oldest in {r.seq for r in chosen}  # no starvation
         assert len(chosen) <= 16
         assert len(chosen) == 1 or len(chosen) * max(r.length for r in chosen) <= 1024
@@ -35,11 +35,41 @@ def test_pack_respects_budgets_keeps_oldest_and_loses_nothing(seed):
     assert sorted(seen) == sorted(r.seq for r in rows)
 
 
-def test_pack_groups_similar_lengths():
+@pytest.mark.parametrize("force", [True, False])
+def test_pack_groups_similar_lengths(force):
     rows = _rows([500] * 4 + [5] * 100)
-    chosen, _ = pack(rows, max_tokens=2048, max_rows=64)
+    chosen, _ = pack(rows, max_tokens=2048, max_rows=64, force_oldest=force)
     lengths = {r.length for r in chosen}
     assert len(lengths) == 1  # short rows are not padded to 500
+
+
+def test_pack_best_run_pads_least():
+    rng = random.Random(1)
+    rows = _rows([rng.randint(96, 160) for _ in range(300)])
+    chosen, rest = pack(rows, max_tokens=1 << 20, max_rows=64, force_oldest=False)
+    assert len(chosen) == 64 and len(rest) == 236
+    eff = sum(r.length for r in chosen) / (64 * max(r.length for r in chosen))
+    line = sorted((r.length for r in rows), reverse=True)
+    assert eff == max(sum(line[i : i + 64]) / (64 * line[i]) for i in range(len(line) - 63))
+    assert eff >= sum(line[118:182]) / (64 * line[118])  # at least as good as the middle run
+
+
+def test_oldest_row_is_forced_after_patience():
+    async def main():
+        b = _echo_batcher(max_queue=10_000)
+        b.patience = 2
+        old = b.submit([[0] * 9], [0])  # odd one out: the best runs are the 4-length rows
+        others = [b.submit([[0] * 4], [0]) for _ in range(40)]
+        b.start()
+        await old.future
+        order = b.batches
+        for j in others:
+            await j.future
+        b.close()
+        return order, b.batches
+
+    order, total = asyncio.run(main())
+    assert order <= 3 < total  # served within patience + 1 batches, not last
 
 
 def _echo_batcher(max_queue: int = 100) -> Batcher:
