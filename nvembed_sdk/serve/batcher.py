@@ -105,16 +105,16 @@ def pack(rows: Sequence[_Row], max_tokens: int, max_rows: int, force_oldest: boo
     prefix = [0]
     for n in lengths:
         prefix.append(prefix[-1] + n)
-    best, best_lo, best_hi = -1.0, 0, 1
+    best, best_lo, best_hi = -1.0, 0, 0
     for lo, width in enumerate(lengths):
-        hi = min(len(line), lo + max(1, min(max_rows, max_tokens // width)))
-        real = prefix[hi] - prefix[lo]
-        score = real / ((hi - lo) * width)  # real / padded tokens of a full run
-
+        hi = lo + max(1, min(max_rows, max_tokens // width))
+        if hi > len(line):  # only full runs compete: a short tail run would shrink the batch
+            break
+        score = (prefix[hi] - prefix[lo]) / ((hi - lo) * width)  # real / padded tokens
         if score > best:
             best, best_lo, best_hi = score, lo, hi
-        if hi == len(line):  # later runs are shorter tails of this one
-            break
+    if best_hi == 0:  # fewer rows than one full batch: take them all, longest first
+        best_hi = min(len(line), max(1, min(max_rows, max_tokens // lengths[0])))
     return line[best_lo:best_hi], line[:best_lo] + line[best_hi:]
 
 
