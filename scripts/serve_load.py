@@ -82,7 +82,7 @@ def scrape(url: str) -> dict[str, float]:
 
     out = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("nvembed_") and "{" not in line:
+        if line.startswith("nvembed_") and ("{" not in line or line.startswith("nvembed_batch_size_bucket")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -159,6 +159,7 @@ def main() -> None:
         result["mean_batch_rows"] = round(d["nvembed_batch_size_sum"] / d["nvembed_batch_size_count"], 1)
         result["padding_efficiency"] = round(d["nvembed_prompt_tokens_total"] / d["nvembed_batch_tokens_sum"], 3)
         result["forward_busy"] = round(d["nvembed_forward_seconds_sum"] / wall, 3)
+        result["batch_rows_le"] = {k.split('"')[1]: int(v) for k, v in d.items() if k.startswith("nvembed_batch_size_bucket")}
         print(f"server: {result['server_batches']} batches, {result['mean_batch_rows']} rows each, real/padded tokens "
               f"{result['padding_efficiency']}, worker busy {result['forward_busy']:.0%} of the wall time")
     print(f"served: {served:.1f} texts/s ({len(requests) / wall:.1f} req/s), p50 {result['p50_ms']} ms, "

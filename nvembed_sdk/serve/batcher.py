@@ -86,7 +86,7 @@ def pack(rows: Sequence[_Row], max_tokens: int, max_rows: int, force_oldest: boo
     Rows sorted longest first form a line; a batch is a contiguous run of it, as many rows as
     ``rows x longest <= max_tokens`` and ``rows <= max_rows`` allow. With ``force_oldest`` the
     run is the one around the oldest row (grown towards shorter rows first: they do not widen
-    the batch); otherwise it is the full run that wastes the fewest padded tokens. The batcher
+    the batch); otherwise it is the full run with the most real tokens per padded token. The batcher
     forces the oldest row once it has been passed over a few times, so nothing starves.
 
     Returns:
