@@ -8,8 +8,9 @@ the returned future. Three parties:
 * the packer thread sorts the waiting rows by length and takes the run that wastes the fewest
   padded tokens under ``max_batch_tokens`` (rows x longest) and ``max_batch_requests`` rows,
   except that the oldest row goes once it has been passed over ``patience`` times (nothing
-  starves); it collates them (right padding) and hands the batch over, packing the next batch
-  while the current one runs (a hand-over queue of one);
+  starves); it collates them (right padding) and hands the batch over; the next batch is
+  packed while the current one runs as soon as a full batch waits, else when the worker
+  goes idle (a hand-over queue of one);
 * the worker thread runs the model (CUDA and TensorRT contexts stay on this one thread),
   normalises, writes each row into its request's output in the request's order, and resolves the
   request's future on the event loop once all its rows are done (a big request spans batches).
@@ -145,6 +146,8 @@ class Batcher:
         self._pending: list[_Row] = []
         self._queued_tokens = 0
         self._queued_rows = 0
+        self._pending_tokens = 0
+        self._worker_idle = True
         self._seq = itertools.count()
         self._closing = False
         self._handoff: queue.Queue[tuple[list[_Row], Batch] | None] = queue.Queue(maxsize=1)
@@ -192,6 +195,7 @@ class Batcher:
             job = Job(rows, starts, np.empty((len(rows), self.dim), dtype=np.float32), loop.create_future(),
                       loop, tokens, len(rows))
             self._pending.extend(_Row(job, i, next(self._seq)) for i in range(len(rows)))
+            self._pending_tokens += tokens
             self._queued_tokens += tokens
             self._queued_rows += len(rows)
             self._cond.notify()
@@ -206,6 +210,7 @@ class Batcher:
             if not mine:
                 return
             self._pending = [r for r in self._pending if r.job is not job]
+            self._pending_tokens -= sum(r.length for r in mine)
             self._queued_tokens -= sum(r.length for r in mine)
             self._queued_rows -= len(mine)
         self.observer.queue(self._queued_tokens, self._queued_rows)
@@ -223,7 +228,9 @@ class Batcher:
     def _pack_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
+                # Pack as late as still overlaps: at once when a full batch waits, else only when
+                # the worker is idle (packing early while it runs would freeze a small batch).
+                while not (self._closing or (self._pending and (self._worker_idle or self._full_batch_waiting()))):
                     self._cond.wait()
                 if not self._pending:  # closing and empty
                     break
@@ -231,14 +238,26 @@ class Batcher:
                 passed = self._oldest[1] + 1 if oldest == self._oldest[0] else 0
                 force = passed >= self.patience
                 chosen, self._pending = pack(self._pending, self.max_batch_tokens, self.max_batch_requests, force)
+                self._pending_tokens -= sum(r.length for r in chosen)
                 self._oldest = (oldest, passed)
+                self._worker_idle = False  # it has work as soon as this batch is handed over
             rows = [r.job.rows[r.index] for r in chosen]
             batch = self._collate(rows, [r.job.starts[r.index] for r in chosen])
             self._handoff.put((chosen, batch))
         self._handoff.put(None)
 
+    def _full_batch_waiting(self) -> bool:
+        return len(self._pending) >= self.max_batch_requests or self._pending_tokens >= self.max_batch_tokens
+
     def _work_loop(self) -> None:
-        while (item := self._handoff.get()) is not None:
+        while True:
+            if self._handoff.empty():
+                with self._cond:
+                    self._worker_idle = True
+                    self._cond.notify_all()
+            item = self._handoff.get()
+            if item is None:
+                break
             chosen, batch = item
             t0 = time.perf_counter()
             try:
