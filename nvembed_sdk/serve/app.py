@@ -153,6 +153,7 @@ def create_app(embedder_or_factory: Embedder | Callable[[], Embedder], settings:
         await state.load()
         # warm up in the background: the port opens at once, /health/ready says 503 until done
         warm = asyncio.create_task(state.warm_up())
+        warm.add_done_callback(_log_warmup_failure)
         try:
             yield
         finally:
@@ -298,6 +299,11 @@ def create_app(embedder_or_factory: Embedder | Callable[[], Embedder], settings:
         return Response(body_out, media_type="application/json")
 
     return app
+
+
+def _log_warmup_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:  # stays not ready; say why
+        log.error("warm-up failed, /health/ready stays 503: %r", task.exception())
 
 
 def _queue_full(settings: ServeSettings) -> APIError:

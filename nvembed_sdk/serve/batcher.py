@@ -8,9 +8,9 @@ the returned future. Three parties:
 * the packer thread sorts the waiting rows by length and takes the run that wastes the fewest
   padded tokens under ``max_batch_tokens`` (rows x longest) and ``max_batch_requests`` rows,
   except that the oldest row goes once it has been passed over ``patience`` times (nothing
-  starves); it collates them (right padding) and hands the batch over; the next batch is
-  packed while the current one runs as soon as a full batch waits, else when the worker
-  goes idle (a hand-over queue of one);
+  starves); it collates them (right padding) and hands the batch over; it packs when the
+  worker goes idle, or while the current pass runs once four batches' worth wait (a
+  hand-over queue of one);
 * the worker thread runs the model (CUDA and TensorRT contexts stay on this one thread),
   normalises, writes each row into its request's output in the request's order, and resolves the
   request's future on the event loop once all its rows are done (a big request spans batches).
@@ -228,8 +228,9 @@ class Batcher:
     def _pack_loop(self) -> None:
         while True:
             with self._cond:
-                # Pack as late as still overlaps: at once when a full batch waits, else only when
-                # the worker is idle (packing early while it runs would freeze a small batch).
+                # Pack late: when the worker goes idle (by then every row that arrived during the
+                # pass competes, so the run pads least), or early when the queue is deep enough
+                # that the choice is already good. Collating takes ms; a pass, far longer.
                 while not (self._closing or (self._pending and (self._worker_idle or self._full_batch_waiting()))):
                     self._cond.wait()
                 if not self._pending:  # closing and empty
@@ -247,7 +248,8 @@ class Batcher:
         self._handoff.put(None)
 
     def _full_batch_waiting(self) -> bool:
-        return len(self._pending) >= self.max_batch_requests or self._pending_tokens >= self.max_batch_tokens
+        return (len(self._pending) >= 4 * self.max_batch_requests
+                or self._pending_tokens >= 4 * self.max_batch_tokens)
 
     def _work_loop(self) -> None:
         while True:
