@@ -231,7 +231,7 @@ class Batcher:
                 # Pack late: when the worker goes idle (by then every row that arrived during the
                 # pass competes, so the run pads least), or early when the queue is deep enough
                 # that the choice is already good. Collating takes ms; a pass, far longer.
-                while not (self._closing or (self._pending and (self._worker_idle or self._full_batch_waiting()))):
+                while not (self._closing or (self._pending and (self._worker_idle or self._deep_queue()))):
                     self._cond.wait()
                 if not self._pending:  # closing and empty
                     break
@@ -247,7 +247,7 @@ class Batcher:
             self._handoff.put((chosen, batch))
         self._handoff.put(None)
 
-    def _full_batch_waiting(self) -> bool:
+    def _deep_queue(self) -> bool:
         return (len(self._pending) >= 4 * self.max_batch_requests
                 or self._pending_tokens >= 4 * self.max_batch_tokens)
 
