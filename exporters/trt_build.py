@@ -11,8 +11,15 @@ Written against the TensorRT 10.3 ... 11.x Python API:
   non-quantised layers may run in fp16 (``trtexec --fp16 --int8``).
 
 The builder never calibrates: INT8 and FP8 need a Q/DQ bundle (``nvembed-export --to onnx
---precision int8|fp8``). Engines are tied to the GPU model, platform and TensorRT version that
-built them, so the manifest records those and the runtime refuses a mismatch.
+--precision int8|fp8``). Engines are tied to the GPU model, platform and TensorRT build (version
+and the CUDA major of the wheel: cu12 and cu13 share a version string) that built them, so the
+manifest records those and the runtime refuses a mismatch.
+
+Failures TensorRT reports by return value are checked: parse errors are reported all at once
+(count, then description, node, operator and local-function stack), a rejected profile raises
+:class:`~nvembed_sdk.errors.TensorRTError`, a rejected or unreadable timing cache is replaced by a
+fresh one with one warning line. The plan is renamed into place only after the manifest that
+describes it is written, so an interrupted build never leaves a plan with a wrong manifest.
 
 :func:`preflight` runs every check that needs no ONNX (target, precision, TensorRT import, GPU,
 compute capability) in well under a second when something is missing; the CLI calls it before
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk._optional import require
-from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, NVEmbedError, TensorRTError, fmt
 from nvembed_sdk.exporters.targets import (
     QDQ_PRECISIONS,
     Profile,
@@ -257,18 +264,17 @@ def build_engine(
     with torch.cuda.device(env.device_index):
         builder = trt.Builder(logger)
         net_flags = 0
-        if typed and env.trt_major < 11:  # 11.x: strong typing is the only mode, the flag is ignored
+        # 10.x: NetworkDefinitionCreationFlag.STRONGLY_TYPED == 1 (EXPLICIT_BATCH == 0, deprecated and
+        # ignored). 11.x: STRONGLY_TYPED == 0, deprecated and ignored (always on), and 1 is
+        # PREFER_JIT_PYTHON_PLUGINS, so no flag is set there (include/NvInfer.h at v10.3.0, v11.1).
+        if typed and env.trt_major < 11:
             net_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(net_flags)
         parser = trt.OnnxParser(network, logger)
         # By path, so external data (model.onnx.data) resolves relative to the file.
         if not parser.parse_from_file(str(onnx_file)):
-            errors = []
-            for i in range(parser.num_errors):
-                err = parser.get_error(i)
-                errors.append(err.desc() if hasattr(err, "desc") else str(err))
             raise ArtifactError(fmt(str(onnx_file), f"TensorRT {env.facts['version']} could not parse it: "
-                                    + " | ".join(errors[:3]),
+                                    + parser_errors(parser),
                                     f"an ONNX bundle exported at opset <= {t.opset_for(precision)} for {t.name}"))
         inputs = [network.get_input(i).name for i in range(network.num_inputs)]
         outputs = [network.get_output(i).name for i in range(network.num_outputs)]
@@ -281,27 +287,20 @@ def build_engine(
         config.builder_optimization_level = opt_level
         # Layer names and tactics in the plan, so fMHA fusion can be checked with the engine inspector.
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        for flag in flags:  # only on 10.x weakly typed builds
+        for flag in flags:  # only on 10.x weakly typed builds (11.x has no precision BuilderFlags)
             config.set_flag(getattr(trt.BuilderFlag, flag))
         for p in chosen:
             prof = builder.create_optimization_profile()
             for name in inputs:  # every input is int64 [batch, seq]
-                prof.set_shape(name, p.min, p.opt, p.max)
-            config.add_optimization_profile(prof)
+                prof.set_shape(name, p.min, p.opt, p.max)  # raises RuntimeError on inconsistent shapes
+            if config.add_optimization_profile(prof) < 0:  # the profile's index, or -1 if TensorRT rejects it
+                raise TensorRTError(fmt("TensorRT add_optimization_profile", f"rejected {p.to_str()} (returned -1)",
+                                        "MIN <= OPT <= MAX for every input (see the log above)"))
 
-        cache_path: Path | None = None
+        cache, cache_path, rejected = (None, None, None)
         if timing_cache is not False:
-            cache_path = Path(timing_cache) if timing_cache not in (None, True) else default_timing_cache(env.facts)
-            blob = cache_path.read_bytes() if cache_path.is_file() else b""
-            try:
-                cache = config.create_timing_cache(blob)
-            except Exception:  # TensorRT raises or returns None on a foreign cache, by version
-                cache = None
-            if cache is None and blob:  # unreadable (another TensorRT version): start a fresh one
-                log.warning("timing cache %s is unusable with TensorRT %s; starting a new one",
-                            cache_path, env.facts["version"])
-                cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
+            wanted_cache = Path(timing_cache) if timing_cache not in (None, True) else default_timing_cache(env.facts)
+            cache, cache_path, rejected = _attach_timing_cache(config, wanted_cache, env.facts)
 
         log.info("building %s engine for %s on %s (TensorRT %s, %s, profiles %s)", precision, t.name,
                  env.facts["gpu_name"], env.facts["version"], "strongly typed" if typed else f"flags {flags}",
@@ -312,58 +311,162 @@ def build_engine(
                 "TensorRT build", f"failed for {precision} on {env.facts['gpu_name']} (see the TensorRT log above)",
                 "a larger --workspace-gb, smaller --profile max shapes, or --verbose for details"))
 
+        # Nothing lost, no half bundle: the plan goes to a temporary name in the bundle directory, the
+        # tokenizer and the manifest (which records the plan's size, checked at load) follow, and
+        # the plan is renamed into place last. A crash before that leaves the previous bundle (or
+        # nothing) plus a stray temporary file; never a plan whose manifest describes another.
+        cache_blob = _serialized(cache)  # the builder updated the attached cache in place
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (ENGINE_FILE + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(plan)
-        tmp.replace(out / ENGINE_FILE)
-        if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            ctmp = cache_path.with_suffix(".tmp")
-            with open(ctmp, "wb") as fh:
-                fh.write(config.get_timing_cache().serialize())
-            ctmp.replace(cache_path)
-        size = (out / ENGINE_FILE).stat().st_size
+        tmp = out / f".{ENGINE_FILE}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(plan)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        size = tmp.stat().st_size
         del plan, config, parser, network, builder
 
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copy2(src_dir / name, out / name)
-    if not (out / "tokenizer.json").is_file():
-        raise ArtifactError(fmt(str(src_dir), "no tokenizer.json", "an ONNX bundle with its tokenizer"))
+    try:
+        for name in TOKENIZER_FILES:
+            if (src_dir / name).is_file() and (src_dir / name).resolve() != (out / name).resolve():
+                part = out / f".{name}.{os.getpid()}.tmp"
+                shutil.copy2(src_dir / name, part)
+                part.replace(out / name)
+        if not (out / "tokenizer.json").is_file():
+            raise ArtifactError(fmt(str(src_dir), "no tokenizer.json", "an ONNX bundle with its tokenizer"))
 
-    longest = max(p.max_seq for p in chosen)
-    source = src.get("source", {}) if isinstance(src.get("source"), dict) else {}
-    manifest = {
-        "kind": "tensorrt",
-        "precision": precision,
-        "target": t.name,
-        "files": {"model": ENGINE_FILE},
-        "io": src.get("io", {"inputs": list(INPUT_NAMES), "outputs": [OUTPUT_NAME]}),
-        "model": src["model"],
-        # The engine cannot take more than its largest profile: the Embedder truncates to this.
-        "text": {**src["text"], "max_length": min(max_length, longest)},
-        "tensorrt": {
-            **env.facts,  # version, gpu_name, compute_capability, platform: checked at load
-            "profiles": [p.to_dict() for p in chosen],
-            "strongly_typed": typed,
-            "builder_flags": list(flags),
-            "opt_level": opt_level,
-            "workspace_gb": workspace,
-            "timing_cache": str(cache_path) if cache_path else None,
-            "plan_bytes": size,
-        },
-        "source": {
-            "onnx": str(src_dir.resolve()),
-            "onnx_sha256": sha256_file(onnx_file),
-            "onnx_precision": onnx_precision,
-            "opset": src.get("opset"),
-            "checkpoint": source.get("checkpoint"),
-            "checkpoint_sha256": source.get("sha256"),
-        },
-        "build": {"tool": "nvembed-sdk", "tensorrt": env.facts["version"], "torch": torch.__version__,
-                  "seconds": round(time.perf_counter() - t0, 1)},
-    }
-    write_manifest(out, manifest)
+        longest = max(p.max_seq for p in chosen)
+        source = src.get("source", {}) if isinstance(src.get("source"), dict) else {}
+        manifest = {
+            "kind": "tensorrt",
+            "precision": precision,
+            "target": t.name,
+            "files": {"model": ENGINE_FILE},
+            "io": src.get("io", {"inputs": list(INPUT_NAMES), "outputs": [OUTPUT_NAME]}),
+            "model": src["model"],
+            # The engine cannot take more than its largest profile: the Embedder truncates to this.
+            "text": {**src["text"], "max_length": min(max_length, longest)},
+            "tensorrt": {
+                **env.facts,  # version, cuda_major, gpu_name, compute_capability, platform: checked at load
+                "profiles": [p.to_dict() for p in chosen],
+                "strongly_typed": typed,
+                "builder_flags": list(flags),
+                "opt_level": opt_level,
+                "workspace_gb": workspace,
+                "timing_cache": str(cache_path) if cache_path else None,
+                "timing_cache_rejected": str(rejected) if rejected else None,
+                "plan_bytes": size,
+                "plan_sha256": sha256_file(tmp),
+            },
+            "source": {
+                "onnx": str(src_dir.resolve()),
+                "onnx_sha256": sha256_file(onnx_file),
+                "onnx_precision": onnx_precision,
+                "opset": src.get("opset"),
+                "checkpoint": source.get("checkpoint"),
+                "checkpoint_sha256": source.get("sha256"),
+            },
+            "build": {"tool": "nvembed-sdk", "tensorrt": env.facts["version"], "torch": torch.__version__,
+                      "seconds": round(time.perf_counter() - t0, 1)},
+        }
+        write_manifest(out, manifest)
+        tmp.replace(out / ENGINE_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if cache_path is not None and cache_blob:
+        _save_timing_cache(cache_path, cache_blob)
     log.info("wrote %s (%.1f MB) in %.0f s", out / ENGINE_FILE, size / 1e6, time.perf_counter() - t0)
     return out
+
+
+def parser_errors(parser: Any, shown: int = 3) -> str:
+    """All of the ONNX parser's errors in one line: the count, then the first ``shown`` in full.
+
+    Each error gives ``desc()``, the node index (``node()``, negative when the error is not tied
+    to a node), ``node_name()``, ``node_operator()`` and ``local_function_stack()`` (the model-local
+    functions the node sits in, outermost first): the ``IParserError`` bindings of TensorRT 10.3
+    to 11.x (NVIDIA/TensorRT ``python/src/parsers/pyOnnx.cpp``).
+    """
+    n = int(parser.num_errors)
+    if n <= 0:
+        return "the parser recorded no error (see the TensorRT log above, or --verbose)"
+    parts = []
+    for i in range(min(n, shown)):
+        err = parser.get_error(i)
+        text = " ".join(str(err.desc()).split())
+        where = []
+        node = int(err.node())
+        if node >= 0:
+            where.append(f"node {node}")
+        if err.node_name():
+            where.append(repr(str(err.node_name())))
+        if err.node_operator():
+            where.append(f"op {err.node_operator()}")
+        stack = [str(f) for f in err.local_function_stack()]
+        if stack:
+            where.append("in function " + " > ".join(stack))
+        parts.append(f"[{i + 1}] {text}" + (f" ({', '.join(where)})" if where else ""))
+    more = f"; {n - shown} more with --verbose" if n > shown else ""
+    return f"{n} error{'s' if n != 1 else ''}: " + "; ".join(parts) + more
+
+
+def _attach_timing_cache(config: Any, path: Path, facts: dict[str, Any]) -> tuple[Any, Path | None, Path | None]:
+    """Attach the timing cache at ``path`` (or this machine's, or a fresh one) to ``config``.
+
+    ``create_timing_cache`` returns None for bytes TensorRT cannot read, and
+    ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache from another
+    device ("A failure will be reported if the CUDA device property in the provided cache is
+    different", ``IBuilderConfig::setTimingCache`` in NvInfer.h 10.3-11.1). Either way the build
+    goes on, after one warning line, with this machine's default cache
+    (:func:`default_timing_cache`) or a fresh one, which is saved there. A rejected file is
+    never overwritten, unless it is that default path (keyed to this TensorRT and GPU).
+
+    Returns:
+        (the attached cache or None, where to save it after the build or None, the rejected path or None).
+    """
+    cache = _try_timing_cache(config, path.read_bytes() if path.is_file() else b"")
+    if cache is not None:
+        return cache, path, None
+    default = default_timing_cache(facts)
+    how = "rejected or unreadable" if path.is_file() else "unusable"
+    fallback = _try_timing_cache(config, default.read_bytes()) if default != path and default.is_file() else None
+    fresh = fallback is None
+    if fresh:
+        fallback = _try_timing_cache(config, b"")
+    kept = "" if default == path else f", saved to {default}; {path} is left unchanged"
+    log.warning("timing cache %s was %s by TensorRT %s on %s (made on another GPU or TensorRT build?); building "
+                "with %s%s", path, how, facts["version"], facts["gpu_name"],
+                "a fresh cache" if fresh else "this machine's cache", kept)
+    if fallback is None:
+        log.warning("TensorRT refused a fresh timing cache as well; building without one")
+        return None, None, path
+    return fallback, default, path
+
+
+def _try_timing_cache(config: Any, blob: bytes) -> Any:
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # noqa: BLE001 - undocumented either way: treat a raise like the documented None
+        return None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        return None
+    return cache
+
+
+def _serialized(cache: Any) -> bytes:
+    if cache is None:
+        return b""
+    blob = cache.serialize()  # IHostMemory (buffer protocol)
+    return bytes(memoryview(blob)) if blob is not None else b""
+
+
+def _save_timing_cache(path: Path, blob: bytes) -> None:
+    # After the bundle is complete: a cache that cannot be written costs the next build time, not this one.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        part.write_bytes(blob)
+        part.replace(path)
+    except OSError as exc:
+        log.warning("could not save the timing cache to %s (%s); the engine bundle is complete", path, exc)

@@ -19,6 +19,11 @@ class ArtifactError(NVEmbedError, ValueError):
     """A path is missing, is not an artifact the SDK knows, or is corrupt or mismatched."""
 
 
+class TensorRTError(NVEmbedError):
+    """TensorRT refused a call whose result the SDK checks (an execution context, an
+    optimisation profile, a tensor address or input shape, an enqueue)."""
+
+
 class InputError(NVEmbedError, TypeError):
     """Bad input to ``embed`` (non-string items, impossible lengths, ...)."""
 

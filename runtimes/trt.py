@@ -4,9 +4,15 @@ Written against the TensorRT 10.3 ... 11.x Python API (name-based I/O: ``set_inp
 ``set_tensor_address``, ``execute_async_v3``); device buffers are torch CUDA tensors and the
 stream is a ``torch.cuda.Stream``, so no extra CUDA binding is needed.
 
-An engine only runs on the GPU model, platform and TensorRT version that built it. The bundle's
-manifest records them and :class:`TrtBackend` refuses a mismatch before deserialising, with the
+An engine only runs on the GPU model, platform and TensorRT build that built it. The bundle's
+manifest records them (with the CUDA major of the TensorRT build: the cu12 and cu13 wheels share
+one version string) and :class:`TrtBackend` refuses a mismatch before deserialising, with the
 command that rebuilds the engine here (see :func:`engine_mismatch` and :func:`rebuild_command`).
+
+Every TensorRT call that reports failure by its return value is checked (``None`` from
+``create_execution_context``, ``False`` from ``set_input_shape``, ``set_tensor_address``,
+``set_optimization_profile_async`` and ``execute_async_v3``, per the 10.3-11.x bindings'
+``pyCore.cpp``) and raises :class:`~nvembed_sdk.errors.TensorRTError`.
 
 Batches are fitted to the engine's optimisation profiles (:func:`plan_batches`): the tightest
 profile that holds the sequence length is chosen, a batch larger than its max batch is split,
@@ -16,8 +22,11 @@ first row, padding columns are masked out, and both are dropped from the result)
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 import platform
+import re
 import shlex
 import threading
 from dataclasses import dataclass
@@ -27,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from nvembed_sdk._optional import require
-from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, InputError, NVEmbedError, fmt
+from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, InputError, NVEmbedError, TensorRTError, fmt
 from nvembed_sdk.manifest import INPUT_NAMES, OUTPUT_NAME, read_manifest
 from nvembed_sdk.runtimes.base import Backend
 from nvembed_sdk.text import Batch
@@ -66,28 +75,59 @@ def cuda_device_index(requested: str | None) -> int:
     return int(index)
 
 
-def machine_facts(trt_version: str, device_index: int) -> dict[str, str]:
-    """What a plan is tied to, for this machine: TensorRT version, GPU name, compute capability, platform."""
+_CU_DIST = re.compile(r"tensorrt[-_.]cu(\d+)(?:[-_.](?:libs|bindings))?")
+_CU_DEB = re.compile(r"^Package: libnvinfer\d+\n(?:[^\n]+\n)*?Version: [^\n]*\+cuda(\d+)\.", re.M)
+
+
+_DPKG_STATUS = "/var/lib/dpkg/status"
+
+
+def tensorrt_cuda_major(dpkg_status: str | Path | None = None) -> str | None:
+    """The CUDA major version the installed TensorRT was built for (``"12"``, ``"13"``), or None.
+
+    ``tensorrt.__version__`` does not say it: the cu12 and cu13 builds of one release share the
+    version string. pip installs name it: the ``tensorrt`` metapackage pulls ``tensorrt-cu12``
+    (or ``-cu13``) with ``tensorrt-cu12-libs`` and ``tensorrt-cu12-bindings`` (NVIDIA/TensorRT
+    ``python/packaging/tensorrt_build_backend``: ``f"{base_name}_cu{cuda_major}_libs"``).
+    JetPack and the NVIDIA apt repository install Debian packages whose version carries it
+    (``libnvinfer10 10.3.0.30-1+cuda12.5``).
+    """
+    majors = set()
+    for dist in importlib.metadata.distributions():
+        m = _CU_DIST.fullmatch(str(dist.metadata.get("Name") or "").lower())
+        if m:
+            majors.add(m.group(1))
+    status = Path(dpkg_status or _DPKG_STATUS)
+    if not majors and status.is_file():
+        majors = set(_CU_DEB.findall(status.read_text(errors="replace")))
+    return majors.pop() if len(majors) == 1 else None  # none, or two CUDA builds installed: cannot tell
+
+
+def machine_facts(trt_version: str, device_index: int) -> dict[str, Any]:
+    """What a plan is tied to, for this machine: TensorRT version and CUDA build, GPU name,
+    compute capability, platform."""
     import torch
 
     major, minor = torch.cuda.get_device_capability(device_index)
     return {
         "version": str(trt_version),
+        "cuda_major": tensorrt_cuda_major(),
         "gpu_name": torch.cuda.get_device_name(device_index),
         "compute_capability": f"{major}.{minor}",
         "platform": platform.machine(),
     }
 
 
-_FACTS = (("version", "TensorRT"), ("gpu_name", "GPU"), ("compute_capability", "compute capability"),
-          ("platform", "platform"))
+_FACTS = (("version", "TensorRT"), ("cuda_major", "TensorRT CUDA build"), ("gpu_name", "GPU"),
+          ("compute_capability", "compute capability"), ("platform", "platform"))
+_OPTIONAL_FACTS = ("platform", "cuda_major")  # manifests before they were recorded; still decided by the rest
 
 
 def engine_mismatch(built: dict[str, Any], here: dict[str, Any]) -> list[str]:
     """Differences between the machine that built an engine and this one.
 
     Args:
-        built: the manifest's ``tensorrt`` section (``version``, ``gpu_name``,
+        built: the manifest's ``tensorrt`` section (``version``, ``cuda_major``, ``gpu_name``,
             ``compute_capability``, ``platform``).
         here: :func:`machine_facts` of this machine.
 
@@ -97,12 +137,16 @@ def engine_mismatch(built: dict[str, Any], here: dict[str, Any]) -> list[str]:
     out = []
     for key, label in _FACTS:
         a, b = built.get(key), here.get(key)
-        if key == "platform" and a is None:
-            continue  # older manifests may lack it; GPU + version still decide
+        if key in _OPTIONAL_FACTS and (a is None or b is None):
+            if key == "cuda_major" and a is not None:  # this machine's TensorRT build is unknown
+                log.warning("cannot tell which CUDA major this TensorRT is built for; the engine was built "
+                            "with a cu%s TensorRT", a)
+            continue
         if a is None:
             out.append(f"{label}: not recorded in the manifest")
         elif " ".join(str(a).split()) != " ".join(str(b).split()):
-            out.append(f"{label}: built with {a!r}, this machine has {b!r}")
+            shown = (f"cu{a}", f"cu{b}") if key == "cuda_major" else (a, b)
+            out.append(f"{label}: built with {shown[0]!r}, this machine has {shown[1]!r}")
     return out
 
 
@@ -234,17 +278,42 @@ class TrtBackend(Backend):
                 raise ArtifactError(msg)
             log.warning("strict=False, loading anyway: %s", msg)
 
+        if not plan_path.is_file():
+            raise ArtifactError(fmt(str(plan_path), "no such file",
+                                    f"a complete engine bundle; rebuild it: {rebuild_command(manifest, directory)}"))
+        expected = manifest.get("tensorrt", {}).get("plan_bytes")
+        size = plan_path.stat().st_size
+        if isinstance(expected, int) and expected != size:
+            # The build writes the manifest before it renames the plan into place: a mismatch is an
+            # interrupted rebuild (or a plan copied over), never an engine to run.
+            raise ArtifactError(fmt(str(plan_path), f"{size} bytes, the manifest records {expected}",
+                                    "the plan is not the one this manifest describes (an interrupted build?); "
+                                    f"rebuild it: {rebuild_command(manifest, directory)}"))
+
         self._torch = torch
         self._index = index
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(index):
             self._runtime = trt.Runtime(self._logger)
-            engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            blob = plan_path.read_bytes()
+            digest = manifest.get("tensorrt", {}).get("plan_sha256")
+            if digest and size < (2 << 30) and hashlib.sha256(blob).hexdigest() != digest:  # cheap next to deserialising
+                raise ArtifactError(fmt(str(plan_path), "a sha256 other than the manifest's",
+                                        "the plan is not the one this manifest describes (an interrupted build?); "
+                                        f"rebuild it: {rebuild_command(manifest, directory)}"))
+            engine = self._runtime.deserialize_cuda_engine(blob)
+            del blob
             if engine is None:
                 raise ArtifactError(fmt(str(plan_path), "TensorRT could not deserialise it (see the log above)",
                                         f"rebuild it here: {rebuild_command(manifest, directory)}"))
             self._engine = engine
-            self._context = engine.create_execution_context()
+            context = engine.create_execution_context()
+            if context is None:  # nullptr -> None: usually the device memory for the activations ran out
+                raise TensorRTError(fmt(
+                    "TensorRT create_execution_context", f"returned None for {plan_path} (see the log above)",
+                    "free GPU memory (other processes, a second engine) or rebuild with smaller --profile max "
+                    "shapes, which size the activation memory"))
+            self._context = context
             self._stream = torch.cuda.Stream(device=index)
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -313,7 +382,8 @@ class TrtBackend(Backend):
         torch, ctx, handle = self._torch, self._context, self._stream.cuda_stream
         if ch.profile != self._active:
             if not ctx.set_optimization_profile_async(ch.profile, handle):
-                raise NVEmbedError(fmt("TensorRT", f"could not switch to profile {ch.profile}", "a valid profile"))
+                raise TensorRTError(fmt("TensorRT set_optimization_profile_async", f"refused profile {ch.profile}",
+                                        f"one of the engine's {len(self.profiles)} profiles"))
             self._active = ch.profile
         self.profile_hits[ch.profile] += 1
         shape = (ch.batch, ch.seq)
@@ -322,20 +392,26 @@ class TrtBackend(Backend):
             view = self._buffer(name, ch.batch * ch.seq)[: ch.batch * ch.seq].view(shape)
             view.copy_(torch.from_numpy(_pad(host, ch.batch, ch.seq, fill)))  # on self._stream
             if not ctx.set_input_shape(name, shape):
-                raise NVEmbedError(fmt(f"TensorRT input {name}", f"shape {shape} rejected",
-                                       f"inside profile {ch.profile}: {self.profiles[ch.profile]}"))
-            ctx.set_tensor_address(name, view.data_ptr())
+                raise TensorRTError(fmt(f"TensorRT set_input_shape({name!r})", f"shape {shape} rejected",
+                                        f"inside profile {ch.profile}: {self.profiles[ch.profile]}"))
+            self._bind(name, view.data_ptr())
         out_shape = tuple(int(v) for v in ctx.get_tensor_shape(self._output))  # (batch, dim)
         if len(out_shape) != 2 or out_shape[0] != ch.batch or min(out_shape) < 1:
             raise NVEmbedError(fmt("TensorRT output shape", out_shape, f"({ch.batch}, {self.dim})"))
         obuf = self._buffer(self._output, out_shape[0] * out_shape[1])[: out_shape[0] * out_shape[1]]
-        ctx.set_tensor_address(self._output, obuf.data_ptr())
+        self._bind(self._output, obuf.data_ptr())
         if not ctx.execute_async_v3(handle):
-            raise NVEmbedError(fmt("TensorRT execute_async_v3", "failed (see the log above)",
-                                   f"shape {shape} inside profile {ch.profile}: {self.profiles[ch.profile]}"))
+            raise TensorRTError(fmt("TensorRT execute_async_v3", "failed (see the log above)",
+                                    f"shape {shape} inside profile {ch.profile}: {self.profiles[ch.profile]}"))
         n = ch.hi - ch.lo
         # .cpu() on the current (= engine) stream waits for the engine; fp16 outputs widen here.
         return obuf.view(out_shape)[:n].float().cpu().numpy()
+
+    def _bind(self, name: str, ptr: int) -> None:
+        # False for an unknown name, a null pointer or one not aligned for the tensor's type.
+        if not self._context.set_tensor_address(name, ptr):
+            raise TensorRTError(fmt(f"TensorRT set_tensor_address({name!r})", f"refused address {ptr:#x}",
+                                    "a device buffer of the engine's tensor type, 256-byte aligned (see the log above)"))
 
     def _close(self) -> None:
         # Context before engine before runtime (TensorRT's destruction order).

@@ -17,6 +17,21 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 
+def quantizer_skip_reason(precision: str) -> str | None:
+    """Why an INT8/FP8 engine test cannot run here (ModelOpt makes the Q/DQ bundle), else None.
+
+    Defined before the module-level skip so that tests/unit can check it on a CPU machine.
+    """
+    if precision not in ("int8", "fp8"):
+        return None
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError as exc:
+        return (f"{precision.upper()} engines need a Q/DQ bundle from NVIDIA ModelOpt, which is not importable "
+                f"({exc}): pip install 'nvembed-sdk[quant]' (nvidia-modelopt[onnx])")
+    return None
+
+
 def _skip_reason() -> str | None:
     import torch
 
@@ -86,6 +101,9 @@ def _onnx(checkpoint: Path, work: Path, precision: str) -> Path:
     if (out / "nvembed.json").is_file():
         return out
     if precision in ("int8", "fp8"):
+        reason = quantizer_skip_reason(precision)
+        if reason:
+            pytest.skip(reason)
         quantize = pytest.importorskip("nvembed_sdk.exporters.quantize", reason="the quantiser is not written yet")
         if hasattr(quantize, "export_quantized"):
             return Path(quantize.export_quantized(checkpoint, out, precision=precision))
@@ -197,3 +215,52 @@ def test_timing_cache_is_written_and_reused(checkpoint, work):
     out = _engine(checkpoint, work, "fp16", tag="again")
     assert json.loads((out / "nvembed.json").read_text())["tensorrt"]["timing_cache"] == str(cache)
     assert len(cache.read_bytes()) >= len(before)
+
+
+def test_unusable_timing_cache_builds_with_a_fresh_one(checkpoint, work, monkeypatch, caplog):
+    """A cache TensorRT cannot use (garbage here; another GPU's in the field) costs one warning, not the build."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(work / "xdg"))
+    bad = work / "foreign.cache"
+    bad.write_bytes(b"not a timing cache from this GPU")
+    with caplog.at_level("WARNING", logger="nvembed_sdk"):
+        out = build_engine(_onnx(checkpoint, work, "fp16"), work / "engine-foreign-cache", precision="fp16",
+                           opt_level=OPT_LEVEL, timing_cache=bad)
+    assert bad.read_bytes() == b"not a timing cache from this GPU"  # the user's file is kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "timing cache" in r.getMessage()]
+    assert len(warnings) == 1 and "rejected or unreadable" in warnings[0], warnings
+    m = json.loads((out / "nvembed.json").read_text())
+    assert m["tensorrt"]["timing_cache_rejected"] == str(bad)
+    assert Path(m["tensorrt"]["timing_cache"]).stat().st_size > 0
+    assert (out / "engine.plan").stat().st_size == m["tensorrt"]["plan_bytes"]
+
+
+def test_manifest_records_the_tensorrt_cuda_major(checkpoint, work):
+    from nvembed_sdk.runtimes.trt import tensorrt_cuda_major
+
+    m = json.loads((_engine(checkpoint, work, "fp16") / "nvembed.json").read_text())
+    found = tensorrt_cuda_major()
+    assert m["tensorrt"]["cuda_major"] == found
+    if found is not None and torch.version.cuda:  # pip's tensorrt-cuNN wheel vs torch's CUDA: a hint, not a rule
+        print(f"TensorRT built for CUDA {found}, torch for CUDA {torch.version.cuda}")
+
+
+def test_parser_errors_name_the_node(checkpoint, work):
+    """A graph TensorRT cannot parse: the error gives the count, the node and its operator."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    bundle = work / "onnx-unparsable"
+    shutil.copytree(_onnx(checkpoint, work, "fp16"), bundle, dirs_exist_ok=True)
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["input_ids"], ["embeddings"], name="bad_node", domain="nvembed.test")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("nvembed.test", 1)])
+    for f in bundle.glob("model.onnx*"):
+        f.unlink()
+    onnx.save(model, bundle / "model.onnx")
+    with pytest.raises(ArtifactError) as err:
+        build_engine(bundle, work / "engine-unparsable", precision="fp16", opt_level=OPT_LEVEL, timing_cache=False)
+    msg = str(err.value)
+    assert "could not parse it: " in msg and " error" in msg and "bad_node" in msg and "NoSuchOp" in msg, msg
+

@@ -344,99 +344,242 @@ def test_cli_orin_fp8_fails_naming_int8_and_fp16(tiny_checkpoint, tmp_path):
     assert "INT8" in out and "FP16" in out
 
 
-# ---- the build and run control flow against a fake `tensorrt` (CPU) ---------------------------------
-# The fake records the calls and its "engine" runs the tiny torch model on the bound buffers, so
-# these tests check our own logic (profiles, flags, timing cache, manifest, batching, padding,
-# buffer binding, output slicing), not TensorRT's behaviour, which only tests/gpu can check.
+# ---- a fake `tensorrt` that encodes the real 10.3, 10.x and 11.x API ------------------------------
+# Its "engine" runs the tiny torch model on the bound buffers, so these tests check our own logic
+# (profiles, flags, timing cache, manifest, batching, padding, buffer binding, output slicing, and
+# every return value TensorRT reports failure with), not TensorRT's kernels: tests/gpu does that.
+#
+# Every value and return type is read from NVIDIA/TensorRT at tags v10.3.0 (JetPack 6), v10.16
+# (the last 10.x) and v11.1:
+# * include/NvInfer.h `NetworkDefinitionCreationFlag`: 10.x kEXPLICIT_BATCH = 0 (deprecated,
+#   ignored), kSTRONGLY_TYPED = 1, 10.16 adds kPREFER_JIT_PYTHON_PLUGINS = 2 / kPREFER_AOT_ = 3;
+#   11.x kSTRONGLY_TYPED = 0 ("deprecated ... always enabled ... ignored"), kPREFER_JIT_ = 1,
+#   kPREFER_AOT_ = 2, no EXPLICIT_BATCH.
+# * include/NvInfer.h `BuilderFlag` (the members python/src/infer/pyCore.cpp binds): 10.3 and
+#   10.16 have FP16 0, INT8 1, FP8 15, BF16 17 (deprecated in 10.16); 11.1 has no precision flag
+#   (and renumbers: VERSION_COMPATIBLE 13 -> 12).
+# * include/NvInferRuntimeBase.h `DataType`: FLOAT 0, HALF 1, INT8 2, INT32 3, BOOL 4, UINT8 5,
+#   FP8 6, BF16 7, INT64 8, INT4 9 (+ FP4 10, E8M0 11 from 10.16 on).
+# * pyCore.cpp: `IBuilderConfig.set_timing_cache(cache, ignore_mismatch) -> bool` ("false" for a
+#   cache whose CUDA device properties differ, NvInfer.h); `create_timing_cache(buffer)` returns the
+#   ITimingCache pointer (None when TensorRT cannot create it); `get_timing_cache()` what is
+#   attached; `add_optimization_profile(p) -> int` (index, or -1 for an invalid profile);
+#   `IOptimizationProfile.set_shape` raises RuntimeError for inconsistent shapes;
+#   `build_serialized_network -> IHostMemory | None`; `deserialize_cuda_engine -> ICudaEngine | None`;
+#   `create_execution_context -> IExecutionContext | None`; `set_input_shape`, `set_tensor_address`,
+#   `set_optimization_profile_async`, `execute_async_v3` all return bool.
+# * python/src/parsers/pyOnnx.cpp: `OnnxParser.parse_from_file(path) -> bool`, the `num_errors`
+#   property, `get_error(i) -> ParserError` with code(), desc(), file(), line(), func(), node(),
+#   node_name(), node_operator(), local_function_stack() (list of str) and local_function_stack_size().
 
-FAKE_FACTS = {"version": "10.3.0", "gpu_name": "NVIDIA Fake GPU", "compute_capability": "9.0", "platform": "x86_64"}
+TRT_VERSIONS = ["10.3.0", "10.16.1", "11.1.0"]
+_NET_FLAGS = {10: {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1},
+              11: {"STRONGLY_TYPED": 0, "PREFER_JIT_PYTHON_PLUGINS": 1, "PREFER_AOT_PYTHON_PLUGINS": 2}}
+_BUILDER_FLAGS = {
+    10: {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6,
+         "SPARSE_WEIGHTS": 7, "SAFETY_SCOPE": 8, "OBEY_PRECISION_CONSTRAINTS": 9, "PREFER_PRECISION_CONSTRAINTS": 10,
+         "DIRECT_IO": 11, "REJECT_EMPTY_ALGORITHMS": 12, "VERSION_COMPATIBLE": 13, "EXCLUDE_LEAN_RUNTIME": 14,
+         "FP8": 15, "ERROR_ON_TIMING_CACHE_MISS": 16, "BF16": 17, "DISABLE_COMPILATION_CACHE": 18, "STRIP_PLAN": 19,
+         "REFIT_IDENTICAL": 20, "WEIGHT_STREAMING": 21, "INT4": 22, "REFIT_INDIVIDUAL": 23},
+    11: {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6, "SPARSE_WEIGHTS": 7,
+         "SAFETY_SCOPE": 8, "DIRECT_IO": 11, "VERSION_COMPATIBLE": 12, "EXCLUDE_LEAN_RUNTIME": 13,
+         "ERROR_ON_TIMING_CACHE_MISS": 15, "DISABLE_COMPILATION_CACHE": 17, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19,
+         "WEIGHT_STREAMING": 20, "REFIT_INDIVIDUAL": 22, "STRICT_NANS": 23, "MONITOR_MEMORY": 24,
+         "EDITABLE_TIMING_CACHE": 26, "DISTRIBUTIVE_INDEPENDENCE": 27},
+}
+_DTYPES = {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6, "BF16": 7, "INT64": 8,
+           "INT4": 9}
+FAKE_GPU = "NVIDIA Fake GPU"
+NAMES = ("input_ids", "attention_mask", "pool_mask", "embeddings")
 
 
-def _fake_trt(model, calls: list, profiles: list):
+def _fake_trt(version: str, model, calls: list, profiles: list, faults: set, parse_errors: list):
+    """The fake module for TensorRT ``version``. ``faults`` names the calls that report failure."""
+    import enum
     import importlib.machinery
     import types
 
     import torch
 
+    major = int(version.split(".")[0])
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo calls find_spec on it
-    trt.__version__ = FAKE_FACTS["version"]
-    trt.DataType = types.SimpleNamespace(FLOAT="f32", HALF="f16", INT64="i64")
-    trt.Logger = type("Logger", (), {"VERBOSE": 0, "WARNING": 1, "__init__": lambda s, level: None})
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="detailed")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", FP8="FP8")
-    names = [*("input_ids", "attention_mask", "pool_mask"), "embeddings"]
+    trt.__version__ = version
+    net_flags = dict(_NET_FLAGS[major])
+    if version >= "10.16" and major == 10:
+        net_flags.update(PREFER_JIT_PYTHON_PLUGINS=2, PREFER_AOT_PYTHON_PLUGINS=3)
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", net_flags)
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", _BUILDER_FLAGS[major])
+    trt.DataType = enum.IntEnum("DataType", {**_DTYPES, **({"FP4": 10, "E8M0": 11} if version >= "10.16" else {})})
+    trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+    trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", {"LAYER_NAMES_ONLY": 0, "NONE": 1, "DETAILED": 2})
+    trt.Logger = type("Logger", (), {"VERBOSE": 4, "WARNING": 2, "__init__": lambda s, level=2: None})
     memory: dict[int, torch.Tensor] = {}  # data_ptr -> CPU buffer standing in for device memory
 
     class Net:
         num_inputs, num_outputs = 3, 1
 
+        def __init__(self, flags: int):
+            self.flags = flags
+
         def get_input(self, i):
-            return types.SimpleNamespace(name=names[i])
+            return types.SimpleNamespace(name=NAMES[i])
 
         def get_output(self, i):
             return types.SimpleNamespace(name="embeddings")
 
+        def get_flag(self, flag):
+            if major >= 11 and flag == trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED:
+                return True  # always on, the flag is ignored
+            return bool(self.flags & (1 << int(flag)))
+
+    class TimingCache:  # serialised as b"TC:<gpu>:<entries>"
+        def __init__(self, gpu: str, entries: int):
+            self.gpu, self.entries = gpu, entries
+
+        def serialize(self):
+            return f"TC:{self.gpu}:{self.entries}".encode()
+
     class Config:
-        def __getattr__(self, name):  # set_memory_pool_limit, set_flag, add_optimization_profile, ...
-            return lambda *a, **k: calls.append((name, *a))
+        def __init__(self):
+            self.flags, self.profiles, self.cache = set(), [], None
+
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("set_memory_pool_limit", pool.name, size))
+
+        def set_flag(self, flag):
+            assert isinstance(flag, trt.BuilderFlag)
+            self.flags.add(flag.name)
+            calls.append(("set_flag", flag.name))
+
+        def add_optimization_profile(self, profile) -> int:
+            if "profile" in faults:
+                return -1
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
 
         def create_timing_cache(self, blob):
-            calls.append(("timing_cache_in", bytes(blob)))
-            return object()
+            blob = bytes(blob)
+            calls.append(("timing_cache_in", blob))
+            if not blob:
+                return TimingCache(FAKE_GPU, 0)
+            parts = blob.split(b":")
+            if len(parts) != 3 or parts[0] != b"TC":
+                return None  # unreadable
+            return TimingCache(parts[1].decode(), int(parts[2]))
+
+        def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+            if cache.gpu != FAKE_GPU and not ignore_mismatch:
+                return False  # "A failure will be reported if the CUDA device property ... is different"
+            self.cache = cache
+            return True
 
         def get_timing_cache(self):
-            return types.SimpleNamespace(serialize=lambda: b"TIMING")
+            return self.cache
 
     class Builder:
         def __init__(self, logger):
             pass
 
-        def create_network(self, flags):
+        def create_network(self, flags: int):
             calls.append(("network_flags", flags))
-            return Net()
+            return Net(flags)
 
-        create_builder_config = staticmethod(Config)
+        def create_builder_config(self):
+            return Config()
 
         def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda *a: calls.append(("set_shape", *a)))
+            def set_shape(name, lo, opt, hi):
+                if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
+                    raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
+                calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
+            return types.SimpleNamespace(set_shape=set_shape)
 
         def build_serialized_network(self, network, config):
-            return b"PLAN"
+            calls.append(("build", network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),
+                          sorted(config.flags), len(config.profiles)))
+            if config.cache is not None:
+                config.cache.entries += 1  # the builder adds its timings to the attached cache
+            return b"PLAN-" + version.encode()
+
+    class ParserError:
+        def __init__(self, desc, node=-1, name="", op="", stack=()):
+            self._d, self._n, self._name, self._op, self._stack = desc, node, name, op, list(stack)
+
+        def code(self):
+            return 8  # ErrorCode.UNSUPPORTED_NODE
+
+        def desc(self):
+            return self._d
+
+        def file(self):
+            return "ModelImporter.cpp"
+
+        def line(self):
+            return 1
+
+        def func(self):
+            return "parseNode"
+
+        def node(self):
+            return self._n
+
+        def node_name(self):
+            return self._name
+
+        def node_operator(self):
+            return self._op
+
+        def local_function_stack(self):
+            return list(self._stack)
+
+        def local_function_stack_size(self):
+            return len(self._stack)
 
     class Parser:
         def __init__(self, network, logger):
-            pass
+            self._errors = []
 
-        def parse_from_file(self, path):
+        def parse_from_file(self, path) -> bool:
             calls.append(("parse_from_file", path))
-            return True
+            self._errors = [ParserError(*e) for e in parse_errors]
+            return not self._errors
+
+        @property
+        def num_errors(self) -> int:
+            return len(self._errors)
+
+        def get_error(self, i):
+            return self._errors[i]
 
     class Context:
         def __init__(self):
             self.shapes, self.addr, self.profile = {}, {}, 0
 
-        def set_optimization_profile_async(self, i, stream):
+        def set_optimization_profile_async(self, i, stream) -> bool:
             self.profile = i
             return True
 
-        def set_input_shape(self, name, shape):
+        def set_input_shape(self, name, shape) -> bool:
             lo, _, hi = profiles[self.profile]
-            self.shapes[name] = shape
+            if "shape" in faults:
+                return False
+            self.shapes[name] = tuple(shape)
             return all(a <= b <= c for a, b, c in zip(lo, shape, hi, strict=True))
 
-        def set_tensor_address(self, name, ptr):
+        def set_tensor_address(self, name, ptr) -> bool:
+            if "address" in faults or name not in NAMES:
+                return False
             self.addr[name] = ptr
+            return True
 
         def get_tensor_shape(self, name):
             return (self.shapes["input_ids"][0], model.cfg.dim)
 
-        def execute_async_v3(self, stream):
+        def execute_async_v3(self, stream) -> bool:
             b, t = self.shapes["input_ids"]
-            x = [memory[self.addr[n]][: b * t].view(b, t) for n in names[:3]]
+            x = [memory[self.addr[n]][: b * t].view(b, t) for n in NAMES[:3]]
             calls.append(("execute", self.profile, b, t))
             with torch.no_grad():
                 memory[self.addr["embeddings"]][: b * model.cfg.dim].view(b, -1).copy_(model(*x, normalize=True))
@@ -446,29 +589,46 @@ def _fake_trt(model, calls: list, profiles: list):
         num_io_tensors, num_optimization_profiles = 4, len(profiles)
 
         def get_tensor_name(self, i):
-            return names[i]
+            return NAMES[i]
 
         def get_tensor_mode(self, name):
-            return "out" if name == "embeddings" else "in"
+            return trt.TensorIOMode.OUTPUT if name == "embeddings" else trt.TensorIOMode.INPUT
 
-        def get_tensor_dtype(self, name):
-            return "f16" if name == "embeddings" else "i64"  # an fp16 output is widened by the backend
+        def get_tensor_dtype(self, name):  # an fp16 output is widened by the backend
+            return trt.DataType.HALF if name == "embeddings" else trt.DataType.INT64
 
         def get_tensor_profile_shape(self, name, i):
             return profiles[i]
 
         def create_execution_context(self):
-            return Context()
+            return None if "context" in faults else Context()
 
-    trt.Builder, trt.OnnxParser = Builder, Parser
-    trt.Runtime = type("Runtime", (), {"__init__": lambda s, log: None,
-                                       "deserialize_cuda_engine": lambda s, plan: Engine() if plan == b"PLAN" else None})
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            return Engine() if bytes(plan) == b"PLAN-" + version.encode() else None
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
     return trt, memory
 
 
-@pytest.fixture()
-def fake_gpu(monkeypatch, tiny_model):
-    """A fake tensorrt module and CPU stand-ins for the CUDA calls."""
+def _dist_info(root: Path, name: str, version: str) -> Path:
+    """A pip-installed distribution's metadata (what importlib.metadata reads), without the package."""
+    d = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    d.mkdir(parents=True)
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
+@pytest.fixture(params=TRT_VERSIONS)
+def fake_gpu(request, monkeypatch, tiny_model, tmp_path):
+    """A fake tensorrt module (10.3, 10.16 or 11.1) and CPU stand-ins for the CUDA calls.
+
+    ``fake_gpu.faults`` / ``fake_gpu.parse_errors`` make the fake report failures; a fake
+    ``tensorrt-cu12`` distribution tells which CUDA major the "installed" TensorRT is for.
+    """
     import contextlib
     import types
 
@@ -477,17 +637,28 @@ def fake_gpu(monkeypatch, tiny_model):
     from nvembed_sdk.exporters import trt_build
     from nvembed_sdk.runtimes import trt as rt
 
+    version = request.param
     calls: list = []
+    faults: set = set()
+    parse_errors: list = []
     profiles = [((1, 1), (2, 16), (4, 16)), ((2, 1), (2, 64), (3, 64))]
-    trt, memory = _fake_trt(tiny_model, calls, profiles)
+    trt, memory = _fake_trt(version, tiny_model, calls, profiles, faults, parse_errors)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.syspath_prepend(str(_dist_info(tmp_path / "site-cu12", "tensorrt-cu12", version)))
+    monkeypatch.setattr(rt, "_DPKG_STATUS", str(tmp_path / "no-dpkg"))
     monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(rt, "cuda_device_index", lambda device: 0)
-    monkeypatch.setattr(rt, "machine_facts", lambda version, index: dict(FAKE_FACTS))
+
+    def facts(v, index):  # machine_facts without a GPU: the real CUDA-major detection, a fake GPU
+        return {"version": str(v), "cuda_major": rt.tensorrt_cuda_major(), "gpu_name": FAKE_GPU,
+                "compute_capability": "9.0", "platform": "x86_64"}
+
+    monkeypatch.setattr(rt, "machine_facts", facts)
     monkeypatch.setattr(trt_build, "preflight", lambda precision, target="datacenter", device=None:
-                        trt_build.BuildEnv(trt, check_target(target, precision), 0, dict(FAKE_FACTS)))
+                        trt_build.BuildEnv(trt, check_target(target, precision), 0, facts(version, 0)))
 
     def cpu_buffer(self, name, numel):
         buf = self._buffers.get(name)
@@ -497,31 +668,195 @@ def fake_gpu(monkeypatch, tiny_model):
         return buf
 
     monkeypatch.setattr(rt.TrtBackend, "_buffer", cpu_buffer)
-    return calls
+    return types.SimpleNamespace(calls=calls, faults=faults, parse_errors=parse_errors, version=version,
+                                 major=int(version.split(".")[0]), tmp=tmp_path, monkeypatch=monkeypatch)
+
+
+def _build(fake, onnx_bundle: Path, out: Path, **kw) -> Path:
+    kw.setdefault("profiles", ["1x1:2x16:4x16", "2x1:2x64:3x64"])
+    return build_engine(onnx_bundle, out, precision=kw.pop("precision", "fp16"), **kw)
+
+
+def test_fake_encodes_the_real_enum_values():
+    import types
+
+    for version in TRT_VERSIONS:
+        trt, _ = _fake_trt(version, None, [], [], set(), [])
+        flag = int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if version.startswith("10."):
+            assert flag == 1 and int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) == 0
+            assert {"FP16", "BF16", "INT8", "FP8"} <= set(trt.BuilderFlag.__members__)
+        else:
+            assert flag == 0 and not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+            assert not {"FP16", "BF16", "INT8", "FP8"} & set(trt.BuilderFlag.__members__)
+            assert int(trt.BuilderFlag.VERSION_COMPATIBLE) == 12
+        assert isinstance(trt, types.ModuleType)
 
 
 def test_build_flow_with_fake_tensorrt(fake_gpu, onnx_bundle, tmp_path):
     cache = tmp_path / "timing.cache"
-    out = build_engine(onnx_bundle, tmp_path / "engine", precision="fp16", timing_cache=cache,
-                       profiles=["1x1:2x16:4x16", "2x1:2x64:3x64"])
-    names = {c[0] for c in fake_gpu}
-    assert ("network_flags", 1 << 5) in fake_gpu  # fp16 ONNX -> strongly typed on 10.x
-    assert ("parse_from_file", str(onnx_bundle / "model.onnx")) in fake_gpu
-    assert ("set_memory_pool_limit", "workspace", 8 << 30) in fake_gpu and "set_flag" not in names
-    assert [c for c in fake_gpu if c[0] == "set_shape"][:3] == [
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=cache)
+    calls = fake_gpu.calls
+    # fp16 ONNX -> strongly typed: 1 << STRONGLY_TYPED (= 1 << 1) on 10.x; no flag on 11 (always on).
+    assert ("network_flags", 2 if fake_gpu.major == 10 else 0) in calls
+    assert ("build", True, [], 2) in calls  # strongly typed, no precision flags, both profiles
+    assert ("parse_from_file", str(onnx_bundle / "model.onnx")) in calls
+    assert ("set_memory_pool_limit", "WORKSPACE", 8 << 30) in calls
+    assert [c for c in calls if c[0] == "set_shape"][:3] == [
         ("set_shape", n, (1, 1), (2, 16), (4, 16)) for n in ("input_ids", "attention_mask", "pool_mask")]
-    assert ("timing_cache_in", b"") in fake_gpu and cache.read_bytes() == b"TIMING"
-    assert (out / "engine.plan").read_bytes() == b"PLAN" and (out / "tokenizer.json").is_file()
+    assert ("timing_cache_in", b"") in calls and cache.read_bytes() == f"TC:{FAKE_GPU}:1".encode()
+    assert (out / "engine.plan").read_bytes() == b"PLAN-" + fake_gpu.version.encode()
+    assert (out / "tokenizer.json").is_file() and not list(out.glob(".*tmp"))
     m = json.loads((out / "nvembed.json").read_text())
     assert m["kind"] == "tensorrt" and m["files"] == {"model": "engine.plan"} and m["model"] == {"dim": 64}
-    assert m["text"]["max_length"] == 64 and m["tensorrt"]["gpu_name"] == "NVIDIA Fake GPU"
+    assert m["text"]["max_length"] == 64 and m["tensorrt"]["gpu_name"] == FAKE_GPU
+    assert m["tensorrt"]["version"] == fake_gpu.version and m["tensorrt"]["cuda_major"] == "12"
+    assert m["tensorrt"]["plan_bytes"] == (out / "engine.plan").stat().st_size
     assert m["tensorrt"]["profiles"][1] == {"min": [2, 1], "opt": [2, 64], "max": [3, 64]}
     assert m["source"]["onnx"] == str(onnx_bundle.resolve()) and len(m["source"]["onnx_sha256"]) == 64
 
-    fake_gpu.clear()
-    build_engine(onnx_bundle, tmp_path / "weak", precision="fp16", timing_cache=cache, strongly_typed=False)
-    assert ("network_flags", 0) in fake_gpu and ("set_flag", "FP16") in fake_gpu
-    assert ("timing_cache_in", b"TIMING") in fake_gpu  # the cache file is reused
+    calls.clear()
+    if fake_gpu.major >= 11:  # no weak typing and no FP16 builder flag in TensorRT 11
+        with pytest.raises(InputError, match="always strongly typed"):
+            _build(fake_gpu, onnx_bundle, tmp_path / "weak", timing_cache=cache, strongly_typed=False)
+        return
+    _build(fake_gpu, onnx_bundle, tmp_path / "weak", timing_cache=cache, strongly_typed=False)
+    assert ("network_flags", 0) in calls and ("set_flag", "FP16") in calls and ("build", False, ["FP16"], 2) in calls
+    assert ("timing_cache_in", f"TC:{FAKE_GPU}:1".encode()) in calls  # the cache file is reused...
+    assert cache.read_bytes() == f"TC:{FAKE_GPU}:2".encode()  # ...and grows
+
+
+@pytest.mark.parametrize("blob", [b"TC:NVIDIA Other GPU:7", b"\x00garbage"])  # another GPU's / unreadable
+def test_rejected_timing_cache_builds_with_a_fresh_one(fake_gpu, onnx_bundle, tmp_path, caplog, blob):
+    from nvembed_sdk.exporters.trt_build import default_timing_cache
+
+    cache = tmp_path / "from-another-gpu.cache"
+    cache.write_bytes(blob)
+    with caplog.at_level("WARNING", logger="nvembed_sdk"):
+        out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=cache)
+    assert cache.read_bytes() == blob  # the user's file is left as it was
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "rejected or unreadable" in warnings[0] and "fresh cache" in warnings[0], warnings
+    fresh = default_timing_cache({"version": fake_gpu.version, "gpu_name": FAKE_GPU, "compute_capability": "9.0"})
+    assert fresh.read_bytes() == f"TC:{FAKE_GPU}:1".encode() and str(tmp_path / "xdg") in str(fresh)
+    m = json.loads((out / "nvembed.json").read_text())  # a complete bundle, not a plan without manifest
+    assert m["tensorrt"]["timing_cache"] == str(fresh) and m["tensorrt"]["timing_cache_rejected"] == str(cache)
+    assert (out / "engine.plan").stat().st_size == m["tensorrt"]["plan_bytes"]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nvembed_sdk"):
+        _build(fake_gpu, onnx_bundle, tmp_path / "again", timing_cache=cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "this machine's cache" in warnings[0], warnings
+    assert fresh.read_bytes() == f"TC:{FAKE_GPU}:2".encode() and cache.read_bytes() == blob  # grown, not reset
+
+
+def test_parser_errors_are_all_reported(fake_gpu, onnx_bundle, tmp_path):
+    fake_gpu.parse_errors.extend([
+        ("No importer registered for op: LatentPool.", 41, "/head/pool", "LatentPool", ["nvembed::Head"]),
+        ("Assertion failed: inputs.size() == 2", 7, "/layers.0/attn/MatMul", "MatMul", ["Outer", "Inner"]),
+        ("Unsupported ONNX data type: UINT4", -1, "", "", []),
+        ("fourth", 3, "n3", "Add", []),
+        ("fifth", 4, "n4", "Add", []),
+    ])
+    with pytest.raises(ArtifactError) as err:
+        _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    msg = str(err.value)
+    assert "5 errors" in msg and "2 more" in msg and "\n" not in msg
+    assert "No importer registered for op: LatentPool." in msg and "node 41" in msg and "'/head/pool'" in msg
+    assert "op LatentPool" in msg and "in function nvembed::Head" in msg
+    assert "node 7" in msg and "op MatMul" in msg and "in function Outer > Inner" in msg
+    assert "UINT4" in msg and "fourth" not in msg
+    assert not (tmp_path / "engine").exists()
+
+
+def test_rejected_profile_raises(fake_gpu, onnx_bundle, tmp_path):
+    from nvembed_sdk.errors import TensorRTError
+
+    fake_gpu.faults.add("profile")
+    with pytest.raises(TensorRTError, match=r"add_optimization_profile.*-1"):
+        _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_an_interrupted_build_leaves_no_plan_without_its_manifest(fake_gpu, onnx_bundle, tmp_path, monkeypatch):
+    from nvembed_sdk.exporters import trt_build
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for a kill while the manifest is written
+
+    monkeypatch.setattr(trt_build, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    assert not (tmp_path / "engine" / "engine.plan").exists()
+    assert not [p for p in (tmp_path / "engine").iterdir() if "plan" in p.name]  # no temporary left either
+
+
+def test_runtime_refuses_a_plan_its_manifest_does_not_describe(fake_gpu, onnx_bundle, tmp_path):
+    from nvembed_sdk import Embedder
+
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    (out / "engine.plan").write_bytes(b"PLAN-" + fake_gpu.version.encode() + b"-other")
+    with pytest.raises(ArtifactError, match="manifest records"):
+        Embedder.load(out)
+
+
+def test_execution_context_none_raises(fake_gpu, onnx_bundle, tmp_path):
+    from nvembed_sdk import Embedder
+    from nvembed_sdk.errors import TensorRTError
+
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    fake_gpu.faults.add("context")
+    with pytest.raises(TensorRTError, match="create_execution_context.*None"):
+        Embedder.load(out)
+
+
+@pytest.mark.parametrize("fault,match", [("address", "set_tensor_address"), ("shape", "set_input_shape")])
+def test_refused_bindings_raise(fake_gpu, onnx_bundle, tmp_path, fault, match):
+    from nvembed_sdk import Embedder
+    from nvembed_sdk.errors import TensorRTError
+
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    with Embedder.load(out) as e:
+        fake_gpu.faults.add(fault)
+        with pytest.raises(TensorRTError, match=match):
+            e.embed(["dog"])
+
+
+def test_cuda_major_is_recorded_and_checked(fake_gpu, onnx_bundle, tmp_path):
+    from nvembed_sdk import Embedder
+
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
+    assert json.loads((out / "nvembed.json").read_text())["tensorrt"]["cuda_major"] == "12"
+    # The same TensorRT version, now the cu13 wheel: same version string, another build.
+    sys.path.remove(str(tmp_path / "site-cu12"))
+    fake_gpu.monkeypatch.syspath_prepend(str(_dist_info(tmp_path / "site-cu13", "tensorrt-cu13", fake_gpu.version)))
+    with pytest.raises(ArtifactError, match=r"TensorRT CUDA build: built with 'cu12', this machine has 'cu13'"):
+        Embedder.load(out)
+
+
+def test_tensorrt_cuda_major_detection(tmp_path, monkeypatch):
+    from nvembed_sdk.runtimes.trt import tensorrt_cuda_major
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "site-cu" not in p])
+    none = tmp_path / "absent"
+    assert tensorrt_cuda_major(none) is None  # this machine: no TensorRT at all
+    dpkg = tmp_path / "status"
+    dpkg.write_text("Package: libnvinfer10\nStatus: install ok installed\nArchitecture: arm64\n"
+                    "Version: 10.3.0.30-1+cuda12.5\n\nPackage: other\nVersion: 1.0+cuda11.8\n")
+    assert tensorrt_cuda_major(dpkg) == "12"  # JetPack 6
+    monkeypatch.syspath_prepend(str(_dist_info(tmp_path / "a", "tensorrt_cu13_libs", "11.1.0")))
+    assert tensorrt_cuda_major(none) == "13"  # a pip install wins over dpkg
+    monkeypatch.syspath_prepend(str(_dist_info(tmp_path / "b", "tensorrt-cu12-bindings", "10.16.1")))
+    assert tensorrt_cuda_major(none) is None  # two CUDA builds installed: cannot tell which one loads
+
+
+def test_engine_mismatch_cuda_major_is_optional_for_old_manifests():
+    built = {"version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "platform": "aarch64"}
+    here = {**built, "cuda_major": "12"}
+    assert engine_mismatch(built, here) == []  # not recorded by older builds: the rest decides
+    assert engine_mismatch({**built, "cuda_major": "13"}, here) == [
+        "TensorRT CUDA build: built with 'cu13', this machine has 'cu12'"]
 
 
 def test_runtime_flow_with_fake_tensorrt(fake_gpu, onnx_bundle, tiny_checkpoint, tmp_path):
@@ -529,20 +864,20 @@ def test_runtime_flow_with_fake_tensorrt(fake_gpu, onnx_bundle, tiny_checkpoint,
 
     from conftest import SAMPLE_TEXTS, assert_close_cos
 
-    out = build_engine(onnx_bundle, tmp_path / "engine", precision="fp16", timing_cache=False,
-                       profiles=["1x1:2x16:4x16", "2x1:2x64:3x64"])
+    out = _build(fake_gpu, onnx_bundle, tmp_path / "engine", timing_cache=False)
     texts = [*SAMPLE_TEXTS, "dog", "a b", "x"] * 2
     ref = Embedder.load(tiny_checkpoint, device="cpu").embed(texts, max_length=64)
-    fake_gpu.clear()
+    calls = fake_gpu.calls
+    calls.clear()
     with Embedder.load(out / "engine.plan") as e:
         assert e.backend == "tensorrt" and e.text.max_length == 64 and e.runner.profiles[1] == ((2, 1), (2, 64), (3, 64))
         got = e.embed(texts, batch_size=7)
-        runs = [c[1:] for c in fake_gpu if c[0] == "execute"]
+        runs = [c[1:] for c in calls if c[0] == "execute"]
         assert {p for p, _, _ in runs} == {0, 1} and e.runner.profile_hits[0] > 0 and e.runner.profile_hits[1] > 0
         assert all(b <= (4, 3)[p] for p, b, _ in runs)  # batches of 7 split to the profiles' max batch
         one = e.text.collate(e.text.tokenize(["word " * 18], "", 64), 0)  # 1 row, 16 < seq <= 64
         row = e.runner.run(one)
-        assert fake_gpu[-1] == ("execute", 1, 2, one.input_ids.shape[1])  # padded to profile 1's min batch 2
+        assert calls[-1] == ("execute", 1, 2, one.input_ids.shape[1])  # padded to profile 1's min batch 2
         assert_close_cos(row, Embedder.load(tiny_checkpoint, device="cpu").embed(["word " * 18], max_length=64), 0.9999)
         with pytest.raises(InputError, match="max_length <= 64"):
             e.embed(["word " * 100], max_length=100)
@@ -555,3 +890,26 @@ def test_runtime_flow_with_fake_tensorrt(fake_gpu, onnx_bundle, tiny_checkpoint,
         Embedder.load(out)
     with Embedder.load(out, strict=False) as e:
         assert e.embed("dog").shape == (64,)
+
+
+# ---- tests/gpu: INT8/FP8 without ModelOpt skip, saying why ----------------------------------------
+
+
+def test_gpu_quantised_tests_skip_without_modelopt(monkeypatch):
+    """tests/gpu/test_tensorrt.py is skipped here (no GPU); its ModelOpt check is defined before that skip."""
+    import contextlib
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "gpu" / "test_tensorrt.py"
+    spec = importlib.util.spec_from_file_location("_gpu_test_tensorrt", path)
+    mod = importlib.util.module_from_spec(spec)
+    with contextlib.suppress(pytest.skip.Exception):  # the module-level skip (no CUDA GPU / TensorRT here)
+        spec.loader.exec_module(mod)
+    reason_for = mod.__dict__["quantizer_skip_reason"]
+    assert reason_for("fp16") is None
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # import modelopt -> ImportError
+    monkeypatch.setitem(sys.modules, "modelopt.onnx", None)
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)
+    for precision in ("int8", "fp8"):
+        reason = reason_for(precision)
+        assert reason and "ModelOpt" in reason and "nvidia-modelopt" in reason and precision.upper() in reason
