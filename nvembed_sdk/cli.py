@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "nvembed_sdk.train.cli:tokenizer",
     "embed-corpus": "nvembed_sdk.cli_corpus:embed_corpus",
     "calibrate": "nvembed_sdk.cli_output:calibrate",
+    "serve": "nvembed_sdk.cli_serve:serve",
 }
 
 

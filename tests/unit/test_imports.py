@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft")
+HEAVY = ("onnxruntime", "tensorrt", "modelopt", "onnx", "peft", "fastapi", "starlette", "uvicorn", "prometheus_client",
+         "pydantic", "orjson")
 # The integrations' frameworks (and what they pull): imported only when an adapter class is used.
 INTEGRATIONS = ("sentence_transformers", "langchain_core", "llama_index", "mteb", "datasets")
 
@@ -31,6 +32,13 @@ def test_corpus_and_scale_out_modules_are_light():
     loaded = _loaded_after("import nvembed_sdk.corpus, nvembed_sdk.corpus.ray_job, nvembed_sdk.cli_corpus, "
                            "nvembed_sdk.train.fsdp")
     assert not {"ray", "pyarrow", *HEAVY} & set(loaded), {"ray", "pyarrow", *HEAVY} & set(loaded)
+
+
+def test_serve_package_and_settings_are_light():
+    # the package, its settings and the batcher load without the serve extra's web stack
+    loaded = _loaded_after("import nvembed_sdk.serve; from nvembed_sdk.serve.settings import ServeSettings; "
+                           "import nvembed_sdk.serve.batcher; import nvembed_sdk.cli_serve")
+    assert not set(HEAVY) & set(loaded), set(HEAVY) & set(loaded)
 
 
 def test_every_submodule_imports_without_extras():
