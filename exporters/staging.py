@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.manifest import MANIFEST, read_manifest
+from nvembed_sdk.integrations.st_files import ST_FILES
+from nvembed_sdk.output import OUTPUT_FILE
 from nvembed_sdk.text import TOKENIZER_FILES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,7 +78,8 @@ def is_bundle(path: Path) -> bool:
 def _foreign_entries(bundle: Path) -> list[str]:
     """Entries of a bundle directory that its exporter did not write (they would be deleted)."""
     m = read_manifest(bundle)
-    own = {MANIFEST, *TOKENIZER_FILES, "onnx", *(str(v) for v in (m.get("files") or {}).values())}
+    own = {MANIFEST, *TOKENIZER_FILES, *ST_FILES, OUTPUT_FILE, "onnx",
+           *(str(v) for v in (m.get("files") or {}).values())}
     return sorted(e.name for e in bundle.iterdir() if e.name not in own)
 
 

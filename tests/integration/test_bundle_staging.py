@@ -188,7 +188,12 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch
     from nvembed_sdk import ToleranceExceeded
     from nvembed_sdk.parity import Tolerance
 
-    monkeypatch.setattr(validate, "tolerance_for", lambda precision: Tolerance(1.0 + 1e-9, 1.0))
+    # A budget no export can meet (Tolerance refuses it since the budget is range-checked, so it is
+    # built without its check): every validation fails.
+    impossible = object.__new__(Tolerance)
+    object.__setattr__(impossible, "min_cosine", 1.0 + 1e-9)
+    object.__setattr__(impossible, "min_topk", 1.0)
+    monkeypatch.setattr(validate, "tolerance_for", lambda precision: impossible)
     with pytest.raises(ToleranceExceeded) as err:
         export_onnx(tiny_checkpoint, tmp_path / "strict", texts=SAMPLE_TEXTS * 2)
     assert err.value.report.candidate.startswith(f"{tmp_path / 'strict'} [")  # the target, not the staging dir
@@ -263,7 +268,7 @@ def test_tensorrt_cli_stages_onnx_and_engine_together(tiny_checkpoint, tmp_path,
         return out
 
     target = SimpleNamespace(opset_for=lambda precision: 20)
-    monkeypatch.setattr(trt_build, "preflight", lambda *a, **k: SimpleNamespace(target=target))
+    monkeypatch.setattr(trt_build, "preflight", lambda *a, **k: SimpleNamespace(target=target, trt_major=10))
     monkeypatch.setattr(trt_build, "build_engine", fake_build)
     out = tmp_path / "trt"
     args = ["export", "--model", str(tiny_checkpoint), "--to", "tensorrt", "--precision", "fp16",
