@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
-from nvembed_sdk.manifest import MANIFEST, read_manifest
 from nvembed_sdk.integrations.st_files import ST_FILES
+from nvembed_sdk.manifest import MANIFEST, read_manifest
 from nvembed_sdk.output import OUTPUT_FILE
 from nvembed_sdk.text import TOKENIZER_FILES
 
