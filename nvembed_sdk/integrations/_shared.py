@@ -62,3 +62,24 @@ class TextEncoder:
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking embed call off the event loop (backends release the GIL while they compute)."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def lazy_getattr(module: str, names: Sequence[str], package: str, build: Callable[[], None],
+                 built: dict[str, Any]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds the adapter classes on first use.
+
+    The classes subclass the framework's own types, so ``package`` is imported (through
+    ``require``, with the install hint) only when one of ``names`` is first asked for.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            if not built:
+                from nvembed_sdk._optional import require
+
+                require(package)
+                build()
+            return built[name]
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvembed_sdk.integrations._shared import TextEncoder, in_thread
+from nvembed_sdk.integrations._shared import TextEncoder, in_thread, lazy_getattr
 
 _BUILT: dict[str, type] = {}
 __all__ = ["NVEmbedEmbeddings"]  # noqa: F822 - built on first use by __getattr__
@@ -56,12 +56,4 @@ def _build() -> None:
     _BUILT["NVEmbedEmbeddings"] = NVEmbedEmbeddings
 
 
-def __getattr__(name: str) -> type:
-    if name in __all__:
-        if not _BUILT:
-            from nvembed_sdk._optional import require
-
-            require("langchain_core")
-            _build()
-        return _BUILT[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, __all__, "langchain_core", _build, _BUILT)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvembed_sdk.integrations._shared import TextEncoder, in_thread
+from nvembed_sdk.integrations._shared import TextEncoder, in_thread, lazy_getattr
 
 _BUILT: dict[str, type] = {}
 __all__ = ["NVEmbedEmbedding"]  # noqa: F822 - built on first use by __getattr__
@@ -73,12 +73,4 @@ def _build() -> None:
     _BUILT["NVEmbedEmbedding"] = NVEmbedEmbedding
 
 
-def __getattr__(name: str) -> type:
-    if name in __all__:
-        if not _BUILT:
-            from nvembed_sdk._optional import require
-
-            require("llama_index.core")
-            _build()
-        return _BUILT[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, __all__, "llama_index.core", _build, _BUILT)

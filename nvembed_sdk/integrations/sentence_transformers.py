@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk.errors import ArtifactError, fmt
+from nvembed_sdk.integrations._shared import lazy_getattr
 from nvembed_sdk.integrations.st_files import MODULE_CONFIG, MODULE_REF, ST_FILES
 
 _BUILT: dict[str, type] = {}
@@ -185,13 +186,5 @@ def _build() -> None:
         _BUILT[cls.__name__] = cls
 
 
-def __getattr__(name: str) -> type:
-    # The classes subclass sentence-transformers types, so they are built on first use (STYLE habit 4).
-    if name in __all__:
-        if not _BUILT:
-            from nvembed_sdk._optional import require
-
-            require("sentence_transformers")
-            _build()
-        return _BUILT[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The classes subclass sentence-transformers types, so they are built on first use (STYLE habit 4).
+__getattr__ = lazy_getattr(__name__, __all__, "sentence_transformers", _build, _BUILT)
