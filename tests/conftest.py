@@ -79,6 +79,17 @@ def tiny_checkpoint(tiny_model_session, tiny_tokenizer_dir: Path, tmp_path_facto
     return out
 
 
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny model of exactly the same shape (other random weights). Read-only."""
+    from nvembed_sdk.checkpoint import load_model, save_model
+
+    out = tmp_path_factory.mktemp("other") / "ckpt"
+    shutil.copytree(tiny_checkpoint, out)
+    save_model(load_model(out).init_weights(seed=123), out)
+    return out
+
+
 @pytest.fixture()
 def tiny_checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "ckpt"

@@ -25,17 +25,6 @@ from nvembed_sdk.manifest import read_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def other_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """Another tiny model of exactly the same shape (other random weights)."""
-    from nvembed_sdk.checkpoint import load_model, save_model
-
-    out = tmp_path_factory.mktemp("other") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    save_model(load_model(out).init_weights(seed=123), out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("b") / "onnx", validate=False)
 

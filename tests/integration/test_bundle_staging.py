@@ -30,16 +30,6 @@ DRIVER = Path(__file__).with_name("export_kill_driver.py")
 
 
 @pytest.fixture(scope="module")
-def other_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    from nvembed_sdk.checkpoint import load_model, save_model
-
-    out = tmp_path_factory.mktemp("other") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    save_model(load_model(out).init_weights(seed=123), out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def previous(tiny_checkpoint, tmp_path_factory) -> Path:
     """A finished bundle of the tiny model: copied to be the 'previous bundle' of a re-export."""
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("prev") / "onnx", validate=False)
