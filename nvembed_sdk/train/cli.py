@@ -118,8 +118,8 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     import random
 
     from nvembed_sdk.train.config import DataSource
-    from nvembed_sdk.train.data import read_debian_packages, read_generic, read_wordnet, write_jsonl
     from nvembed_sdk.train.mining import load_teacher, mine_hard_negatives
+    from nvembed_sdk.train.readers import read_debian_packages, read_generic, read_wordnet, write_jsonl
 
     if num_threads:
         import torch
@@ -231,7 +231,7 @@ def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_fre
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.tokenizer_train import train_tokenizer
-    from nvembed_sdk.train.data import texts_for_tokenizer
+    from nvembed_sdk.train.readers import texts_for_tokenizer
 
     t0 = time.time()
     try:

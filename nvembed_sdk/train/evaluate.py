@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, fmt
-from nvembed_sdk.train.data import read_jsonl
+from nvembed_sdk.train.readers import read_jsonl
 
 
 @dataclass

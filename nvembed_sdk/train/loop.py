@@ -33,12 +33,14 @@ from torch import nn
 from nvembed_sdk.checkpoint import load_model
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.text import TextPipeline
+from nvembed_sdk.train.batch import TrainBatch, collate, encode_side
 from nvembed_sdk.train.config import TrainConfig
-from nvembed_sdk.train.data import TrainBatch, TrainData, collate, encode_side, read_distill_texts
+from nvembed_sdk.train.data import TrainData
 from nvembed_sdk.train.dist import setup_dist
 from nvembed_sdk.train.distill import embedding_distill_loss, setup_distillation
 from nvembed_sdk.train.gradcache import cached_backward
 from nvembed_sdk.train.losses import compute_loss_from_embeddings
+from nvembed_sdk.train.readers import read_distill_texts
 from nvembed_sdk.train.run_state import (
     CONFIG_FILE,
     RUN_FILE,

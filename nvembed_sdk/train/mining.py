@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nvembed_sdk.train.data import Example, norm_text
+from nvembed_sdk.train.readers import Example, norm_text
 from nvembed_sdk.train.teachers import BM25Teacher, DenseTeacher, Teacher, load_teacher
 
 
