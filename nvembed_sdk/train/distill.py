@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nvembed_sdk.errors import ArtifactError, fmt
+from nvembed_sdk.train.losses import embedding_distill_loss
 from nvembed_sdk.train.teachers import EmbedFn, resolve_teacher, teacher_encoder
 
 if TYPE_CHECKING:  # types only: the loop passes them in
@@ -132,15 +132,6 @@ class TeacherCache:
         return torch.from_numpy(out), torch.from_numpy(found)
 
 
-def embedding_distill_loss(student: torch.Tensor, target: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - cos`` between student rows (n, D) and teacher targets (n, D) where found."""
-    if not bool(found.any()):
-        return student.sum() * 0.0
-    s = F.normalize(student[found.to(student.device)].float(), dim=-1)
-    t = target[found].to(s.device)
-    return (1.0 - (s * t).sum(-1)).mean()
-
-
 def token_texts(tokenizer_json: str | Path) -> list[str | None]:
     """Each vocabulary id's text (metaspace as a leading space), None for special and byte pieces."""
     data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
@@ -178,20 +169,20 @@ def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, mo
     texts get targets when already cached), fix the projection, and on a fresh scratch start
     write the teacher's piece embeddings into the input embeddings."""
     cache = TeacherCache(cfg.teacher_cache_dir)
-    pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.init_token_embeddings else []
+    pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.distill.init_token_embeddings else []
     texts = [p for p in pieces if p] + data.pair_texts() + extra_texts
     if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
         missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
         if missing:
-            log(f"teacher {cfg.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
-            cache.fill(texts, teacher_encoder(cfg.teacher, max_length=cfg.teacher_max_length,
+            log(f"teacher {cfg.distill.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
+            cache.fill(texts, teacher_encoder(cfg.distill.teacher, max_length=cfg.distill.teacher_max_length,
                                               num_threads=cfg.num_threads))
         cache.projection(model.cfg.text.hidden_size)
     dist_.barrier()
     if not dist_.main:
         cache = TeacherCache(cfg.teacher_cache_dir)
     proj = cache.projection(model.cfg.text.hidden_size)
-    if cfg.init_token_embeddings and fresh:
+    if cfg.distill.init_token_embeddings and fresh:
         n = init_token_embeddings(model.decoder.embed_tokens.weight, pieces, cache, proj)
         if dist_.main:
             log(f"input embeddings: {n:,} of {len(pieces):,} rows from the teacher's piece embeddings")

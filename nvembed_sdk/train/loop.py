@@ -37,9 +37,9 @@ from nvembed_sdk.train.batch import TrainBatch, collate, encode_side
 from nvembed_sdk.train.config import TrainConfig
 from nvembed_sdk.train.data import TrainData
 from nvembed_sdk.train.dist import setup_dist
-from nvembed_sdk.train.distill import embedding_distill_loss, setup_distillation
+from nvembed_sdk.train.distill import setup_distillation
 from nvembed_sdk.train.gradcache import cached_backward
-from nvembed_sdk.train.losses import compute_loss_from_embeddings
+from nvembed_sdk.train.losses import StageLoss, embedding_distill_loss
 from nvembed_sdk.train.readers import read_distill_texts
 from nvembed_sdk.train.run_state import (
     CONFIG_FILE,
@@ -172,13 +172,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             f"device {device}, world {dist_.world}; tokenizer {text.vocab_size} tokens")
 
     # -- embedding distillation: teacher targets for every training text, cached on disk
+    ds = cfg.distill
     distill = None
-    extra_texts = read_distill_texts(cfg.distill_texts)
-    if cfg.teacher and (cfg.embed_distill_weight > 0 or cfg.init_token_embeddings):
+    extra_texts = read_distill_texts(ds.texts)
+    if ds.teacher and (ds.embedding_weight > 0 or ds.init_token_embeddings):
         distill = setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log, dist_=dist_,
-                                      extra_texts=extra_texts)
+                                     extra_texts=extra_texts)
     if extra_texts and dist_.main:
-        log(f"distillation-only texts: {len(extra_texts):,}, {cfg.distill_batch_size} per step")
+        log(f"distillation-only texts: {len(extra_texts):,}, {ds.texts_per_step} per step")
+    objective = StageLoss(temperature=cfg.temperature, in_batch_negatives=cfg.in_batch_negatives,
+                          score_weight=ds.score_weight, score_temperature=ds.score_temperature,
+                          embedding_weight=ds.embedding_weight if distill is not None else 0.0)
 
     def embed(enc) -> torch.Tensor:
         with autocast:
@@ -187,16 +191,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     def loss_fn(batch: TrainBatch):
         def fn(q_local: torch.Tensor, d_local: torch.Tensor) -> torch.Tensor:
             q, d = dist_.gather(q_local), dist_.gather(d_local)  # (B, D), (B * (1 + K), D)
-            loss = compute_loss_from_embeddings(
-                q, d, batch.num_negatives, cfg.temperature, cfg.in_batch_negatives, batch.query_groups,
-                batch.doc_groups, 0, batch.teacher_scores, cfg.distill_weight, cfg.distill_temperature)
-            if distill is not None and cfg.embed_distill_weight > 0:
+            targets = None
+            if distill is not None and objective.embedding_weight > 0:
                 cache, proj = distill
                 tq, fq = cache.targets(batch.extras["query_texts"], proj)  # (B, D), (B,)
                 td, fd = cache.targets(batch.extras["doc_texts"], proj)  # (B * (1 + K), D)
-                loss = loss + cfg.embed_distill_weight * embedding_distill_loss(
-                    torch.cat([q, d]), torch.cat([tq, td]), torch.cat([fq, fd]))
-            return loss
+                targets = (torch.cat([tq, td]), torch.cat([fq, fd]))
+            return objective(q, d, batch, targets)
         return fn
 
     def save_checkpoint() -> None:
@@ -273,14 +274,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             step_loss += float(loss.detach()) / cfg.grad_accum_steps
         if extra_texts and distill is not None:
             # Distillation-only texts: this rank's share of a draw keyed by position (resumable).
-            n_local = max(1, cfg.distill_batch_size // dist_.world)
+            n_local = max(1, ds.texts_per_step // dist_.world)
             pick = np.random.default_rng([cfg.seed, epoch, batch_in_epoch, 7, dist_.rank]).choice(
                 len(extra_texts), size=min(n_local, len(extra_texts)), replace=False)
             chosen = [extra_texts[i] for i in pick]
             enc = encode_side(text, chosen, [""] * len(chosen), cfg.doc_max_length).to(device)
             cache, proj = distill
             tx, fx = cache.targets(chosen, proj)  # (n, D), (n,)
-            extra_loss = cfg.embed_distill_weight * embedding_distill_loss(embed(enc), tx, fx)
+            extra_loss = ds.embedding_weight * embedding_distill_loss(embed(enc), tx, fx)
             extra_loss.backward()
             step_loss += float(extra_loss.detach())
         if fsdp is None:

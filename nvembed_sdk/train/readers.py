@@ -27,7 +27,7 @@ from typing import Any
 
 from nvembed_sdk.embedder import query_instruction
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
-from nvembed_sdk.train.config import SYMMETRIC_TASKS, TASKS
+from nvembed_sdk.train.settings import SYMMETRIC_TASKS, TASKS
 
 WORDNET_TASKS = {
     "example_to_gloss": "Given a sentence, retrieve the dictionary definition of the sense of the word it uses",
