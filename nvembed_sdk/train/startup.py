@@ -15,11 +15,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvembed_sdk.checkpoint import _set_param, load_model, to_ours
+from nvembed_sdk.checkpoint import MISTRAL_CAUSAL_LM, load_model, load_weights, safetensors_files
 from nvembed_sdk.config import PRESETS, DecoderConfig, LatentAttentionConfig, NVEmbedConfig
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
 from nvembed_sdk.model import NVEmbedModel
 from nvembed_sdk.train.config import TrainConfig
+
+
+def decoder_config(fields: dict[str, Any], where: str) -> DecoderConfig:
+    """A :class:`DecoderConfig` whose ``head_dim`` is always derived (``hidden_size // num_attention_heads``).
+
+    A training stage changes widths and head counts; a ``head_dim`` carried over from a preset
+    or a file would silently stop matching them. One given explicitly must equal the derived one.
+
+    Raises:
+        InputError: a ``head_dim`` that is not ``hidden_size / num_attention_heads``.
+    """
+    fields = dict(fields)
+    given = fields.pop("head_dim", None)
+    text = DecoderConfig(**fields, head_dim=None)  # __post_init__ derives it
+    if given is not None and given != text.head_dim:
+        raise InputError(fmt(f"{where} head_dim", given, f"hidden_size / num_attention_heads = {text.head_dim} "
+                             "(derived; leave it out)"))
+    return text
 
 
 def scratch_config(model: dict[str, Any], vocab_size: int, max_length: int | None = None) -> NVEmbedConfig:
@@ -35,9 +53,9 @@ def scratch_config(model: dict[str, Any], vocab_size: int, max_length: int | Non
     base = PRESETS[preset]
     latent_over = dict(spec.pop("latent", {}))
     max_len = int(spec.pop("max_length", max_length or base.max_length))
-    text_kwargs = {**base.text.__dict__, "head_dim": None, **spec, "vocab_size": vocab_size}
     try:
-        text = DecoderConfig(**text_kwargs)
+        preset_fields = {k: v for k, v in base.text.__dict__.items() if k != "head_dim"}  # the preset's widths' own
+        text = decoder_config({**preset_fields, **spec, "vocab_size": vocab_size}, "train config model")
         h = text.hidden_size
         latent = LatentAttentionConfig(**{**base.latent.__dict__, **latent_over, "latent_dim": h, "hidden_dim": h})
     except TypeError as exc:
@@ -49,21 +67,20 @@ def load_mistral(path: str | Path, latent: dict[str, Any] | None = None, device:
                  seed: int = 0) -> NVEmbedModel:
     """A Mistral causal-LM checkpoint as the decoder, with a freshly initialised latent head.
 
-    ``model.*`` keys map to the decoder (through the released key table), ``lm_head.weight`` is
-    dropped, anything else is an error.
+    ``model.*`` keys map to the decoder and ``lm_head.weight`` is dropped (the
+    ``FROM_MISTRAL_CAUSAL_LM`` key table of :mod:`nvembed_sdk.checkpoint`); anything else, a
+    missing weight or a wrong shape is an error naming the key.
 
     Raises:
         ArtifactError: missing files or unknown keys.
     """
-    from nvembed_sdk.checkpoint import _iter_tensors, safetensors_files
-
     p = Path(path)
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise ArtifactError(fmt("mistral init", f"no config.json in {p}", "a Mistral causal-LM checkpoint"))
     hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    fields = set(DecoderConfig.__dataclass_fields__)
-    text = DecoderConfig(**{k: v for k, v in hf.items() if k in fields and v is not None})
+    text = decoder_config({k: v for k, v in hf.items() if k in DecoderConfig.__dataclass_fields__ and v is not None},
+                          f"{cfg_file}")
     h = text.hidden_size
     la = LatentAttentionConfig(**{**(latent or {}), "latent_dim": h, "hidden_dim": h})
     cfg = NVEmbedConfig(text=text, latent=la, torch_dtype="float32")
@@ -73,21 +90,7 @@ def load_mistral(path: str | Path, latent: dict[str, Any] | None = None, device:
     # until its tensors arrive, so a 7B model is never held twice).
     model.head = fresh_head(cfg, seed).to(device)
     expected = {n: t.shape for n, t in model.decoder.named_parameters(prefix="decoder")}
-    seen = set()
-    for key, tensor in _iter_tensors(safetensors_files(p)):
-        if key == "lm_head.weight":
-            continue
-        if not key.startswith("model."):
-            raise ArtifactError(fmt("mistral checkpoint key", repr(key), "'model.*' or 'lm_head.weight'"))
-        ours = to_ours("embedding_model." + key[len("model."):])
-        if ours not in expected or tensor.shape != expected[ours]:
-            raise ArtifactError(fmt(f"mistral checkpoint key {key!r}", f"shape {tuple(tensor.shape)}",
-                                    f"a decoder weight matching config.json ({ours})"))
-        _set_param(model, ours, tensor.to(device=device, dtype=torch.float32))
-        seen.add(ours)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ArtifactError(fmt("mistral checkpoint", f"missing {missing[:3]}", "every decoder weight"))
+    load_weights(model, safetensors_files(p), MISTRAL_CAUSAL_LM, expected, torch.float32, device)
     model.reset_buffers(device)
     for prm in model.parameters():
         prm.requires_grad_(True)
@@ -189,5 +192,5 @@ def merged_model(model: nn.Module) -> NVEmbedModel:
 
 
 
-__all__ = ["MergedView", "apply_lora", "base_of", "build_model", "fresh_head", "load_mistral", "merged_model",
+__all__ = ["MergedView", "apply_lora", "base_of", "build_model", "decoder_config", "fresh_head", "load_mistral", "merged_model",
            "scratch_config"]

@@ -164,3 +164,14 @@ def test_two_stages_on_shared_data(tmp_path):
     with Embedder.load(s2["final_dir"]) as emb:
         v = emb.embed_queries(["a text editor"], task="Find it")
     assert v.shape == (1, 64)
+
+
+def test_head_dim_is_always_derived():
+    from nvembed_sdk.errors import InputError
+    from nvembed_sdk.train.startup import scratch_config
+
+    cfg = scratch_config({"preset": "tiny-test", "hidden_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2},
+                         vocab_size=300)
+    assert cfg.text.head_dim == 24  # not the preset's own head_dim
+    with pytest.raises(InputError, match="head_dim"):
+        scratch_config({"preset": "tiny-test", "hidden_size": 96, "num_attention_heads": 4, "head_dim": 32}, 300)
