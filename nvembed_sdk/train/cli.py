@@ -1,4 +1,4 @@
-"""``nvembed train | mine | eval | tokenizer train``: thin click wrappers over the training API."""
+"""``nvembed train | mine | eval | tokenizer train | grow``: thin click wrappers over the training API."""
 
 from __future__ import annotations
 
@@ -244,3 +244,33 @@ def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_fre
     from nvembed_sdk.text import TextPipeline
 
     click.echo(f"wrote {path} ({TextPipeline(Path(output)).vocab_size} tokens, {time.time() - t0:.0f}s)")
+
+
+@click.command("grow")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint directory (released layout) to grow.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output checkpoint directory.")
+@click.option("--intermediate-size", type=int, default=None, help="New decoder MLP width (default: unchanged).")
+@click.option("--layers", type=int, default=None,
+              help="New number of decoder layers, at most twice the current (default: unchanged).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new MLP rows.")
+@fail_cleanly
+def grow(model_dir: str, output: str, intermediate_size: int | None, layers: int | None, seed: int) -> None:
+    """Grow a checkpoint (wider decoder MLPs, more decoder layers) without changing what it computes.
+
+    \b
+    New MLP units get random gate/up rows and zero down_proj columns; inserted layers copy
+    the layer before them with o_proj and down_proj zero, so each starts as the identity.
+    The grown model's embeddings equal the original's (checked on a probe batch) and
+    training then uses the new capacity (nvembed_sdk/train/grow.py).
+
+    \b
+    Example:
+      nvembed grow --model runs/v2/stage1/final --intermediate-size 1024 --output runs/v3/grown-1024
+    """
+    from nvembed_sdk.train.grow import grow_checkpoint
+
+    r = grow_checkpoint(model_dir, output, intermediate_size, layers, seed)
+    click.echo(f"{output}: MLP {r['intermediate_size'][0]} -> {r['intermediate_size'][1]}, layers {r['layers'][0]} -> "
+               f"{r['layers'][1]} (copies of {r['sources']}), {r['parameters']:,} parameters, "
+               f"max |embedding difference| {r['max_diff']:.1e}")
