@@ -74,3 +74,16 @@ def test_losses_compose_to_the_combined_loss():
     want = info_nce_loss(q, d, K) + 2.0 * embedding_distill_loss(torch.cat([q, d]), *targets)
     assert torch.equal(stage(q, d, batch, targets), want)
     assert torch.equal(StageLoss(temperature=0.05, in_batch_negatives=True)(q, d, batch, targets), info_nce_loss(q, d, K))
+
+
+def test_the_card_fine_tune_example_reads(monkeypatch):
+    """examples/finetune_pairs.json (the card's "Fine-tune on your own pairs") is a valid stage
+    whose data and start model exist; the card's run of it is checked by hand (CPU minutes)."""
+    from nvembed_sdk.train.data import TrainData
+
+    monkeypatch.chdir(ROOT)  # the card runs it from the repository root
+    cfg = TrainConfig.from_file("examples/finetune_pairs.json")
+    assert cfg.init == "nvembed" and Path(cfg.init_path, "model.safetensors").is_file()
+    assert Path(cfg.tokenizer_dir, "tokenizer.json").is_file()
+    _, batches = TrainData(cfg.data, cfg.num_negatives, cfg.seed).epoch_batches(0, cfg.batch_size)
+    assert len(batches) >= 2
