@@ -12,6 +12,11 @@ rank builds the same global batch and embeds its contiguous shard; embeddings ar
 computes the same global loss, and summing the ranks' gradients gives exactly its gradient.
 With ``"distributed": "fsdp"`` the same maths runs on a model sharded by
 :mod:`nvembed_sdk.train.fsdp` (FSDP2); its hooks here are marked ``fsdp``.
+
+The parts it calls, one job per module: ``startup`` (start weights, LoRA), ``run_state``
+(checkpoints, trainer and RNG state, the output directory), ``dist`` (ranks), ``readers`` /
+``data`` / ``batch`` (files -> examples -> blended batches -> tensors), ``losses`` (the stage
+objective), ``distill`` / ``teachers`` (teacher targets), ``config`` / ``settings`` (the stage file).
 """
 
 from __future__ import annotations
@@ -212,7 +217,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
                  "history": history, "evals": evals, "train_config": cfg.to_dict(), "run_id": run_id}
         if not all(bool(torch.isfinite(p).all()) for p in (full.parameters() if full is not None else params)):
             check_finite_step(step, float("nan"), float("nan"), last_good[-1] if last_good else None)
-        write_model_dir(full or model, out / "checkpoints" / f"step-{step:06d}", text, cfg, "float32", extra, run_id)
+        write_model_dir(full or model, out / "checkpoints" / f"step-{step:06d}", text, cfg, dtype="float32",
+                        extra=extra, run_id=run_id)
         last_good[:] = [out / "checkpoints" / f"step-{step:06d}"]
         ours = [c for c in checkpoint_dirs(out) if run_id_of(c) == run_id]
         for old in ours[: -cfg.keep_checkpoints]:
@@ -263,11 +269,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
         step_loss = 0.0
         for m in range(cfg.grad_accum_steps):
             part = batch_examples[m * micro : (m + 1) * micro]
-            batch = collate(part, data, text, rng, cfg.query_max_length, cfg.doc_max_length, dist_.rank, dist_.world)
+            batch = collate(part, data, text, rng, query_max_length=cfg.query_max_length,
+                            doc_max_length=cfg.doc_max_length, rank=dist_.rank, world=dist_.world)
             queries, docs = batch.queries.to(device), batch.docs.to(device)
             fn = loss_fn(batch)
             if cfg.gradcache_chunk:
-                loss = cached_backward(embed, [queries, docs], fn, cfg.gradcache_chunk, 1.0 / cfg.grad_accum_steps)
+                loss = cached_backward(embed, [queries, docs], fn, chunk_size=cfg.gradcache_chunk,
+                                      scale=1.0 / cfg.grad_accum_steps)
             else:
                 loss = fn(embed(queries), embed(docs))
                 (loss / cfg.grad_accum_steps).backward()
@@ -278,7 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
             pick = np.random.default_rng([cfg.seed, epoch, batch_in_epoch, 7, dist_.rank]).choice(
                 len(extra_texts), size=min(n_local, len(extra_texts)), replace=False)
             chosen = [extra_texts[i] for i in pick]
-            enc = encode_side(text, chosen, [""] * len(chosen), cfg.doc_max_length).to(device)
+            enc = encode_side(text, chosen, [""] * len(chosen), max_length=cfg.doc_max_length).to(device)
             cache, proj = distill
             tx, fx = cache.targets(chosen, proj)  # (n, D), (n,)
             extra_loss = ds.embedding_weight * embedding_distill_loss(embed(enc), tx, fx)
@@ -325,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     final = out / "final"
     full = fsdp.gather(model)[0] if fsdp is not None else None
     if dist_.main:
-        write_model_dir(full or model, final, text, cfg, cfg.save_dtype)
+        write_model_dir(full or model, final, text, cfg, dtype=cfg.save_dtype)
         (final / "training_summary.json").write_text(json.dumps({"history": history, "evals": evals}, indent=1),
                                                      encoding="utf-8")
         log(f"done: {step} steps; final model{' (LoRA merged)' if cfg.lora.enabled else ''} in {final}")
