@@ -1,7 +1,11 @@
-"""Checkpoint I/O in the released NV-Embed-v2 layout, through an explicit key table.
+"""Checkpoint I/O through explicit key tables, one per checkpoint family.
 
-Released key (safetensors) -> our module path. ``{}`` is the layer index. Every key of a
-checkpoint must be consumed and every parameter of the model must be filled; any leftover,
+A table maps a checkpoint key (safetensors) to our module path; ``{}`` is the layer index and
+``None`` means drop. :data:`FROM_RELEASED` is the released NV-Embed-v2 layout (what
+:func:`load_model` and :func:`save_model` use); :data:`FROM_MISTRAL_CAUSAL_LM` is a Mistral
+causal LM's (``model.*`` -> the decoder, ``lm_head`` dropped), which the training start-up
+reads into a fresh NV-Embed decoder. :func:`load_weights` is the one loader both go through:
+every key of a checkpoint must be consumed and every expected parameter filled; any leftover,
 missing or mis-shaped key raises :class:`ArtifactError` naming the key.
 """
 
@@ -56,30 +60,57 @@ FROM_RELEASED: dict[str, str | None] = {
     _L + "cross_attend_blocks.1.fn.net.2.bias": "head.ff_out.bias",
 }
 
+# A Mistral causal LM (``MistralForCausalLM``): the same decoder under ``model.``, plus the LM
+# head, which an embedding model does not use.
+FROM_MISTRAL_CAUSAL_LM: dict[str, str | None] = {
+    "model." + k[len(_E):]: v for k, v in FROM_RELEASED.items() if k.startswith(_E)
+} | {"lm_head.weight": None}
+
+
+class KeyTable:
+    """A compiled key table: ``to_ours`` (checkpoint -> ours) and ``to_theirs`` (ours -> checkpoint).
+
+    Args:
+        table: checkpoint key -> our name (``{}`` the layer index, None to drop).
+        family: what the checkpoint is, for error messages (e.g. ``an NV-Embed-v2``).
+    """
+
+    def __init__(self, table: dict[str, str | None], family: str) -> None:
+        self.table, self.family = table, family
+        self._from = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in table.items()]
+        self._to = [(re.compile("^" + re.escape(v).replace(r"\{\}", r"(\d+)") + "$"), k)
+                    for k, v in table.items() if v is not None]
+
+    def to_ours(self, key: str) -> str | None:
+        """Checkpoint key -> our parameter name (None: dropped); raises for a key the table does not know."""
+        for pattern, ours in self._from:
+            m = pattern.match(key)
+            if m:
+                return None if ours is None else ours.replace("{}", m.group(1)) if m.groups() else ours
+        raise ArtifactError(fmt("checkpoint key", repr(key), f"{self.family} key (unexpected key)"))
+
+    def to_theirs(self, name: str) -> str:
+        for pattern, theirs in self._to:
+            m = pattern.match(name)
+            if m:
+                return theirs.replace("{}", m.group(1)) if m.groups() else theirs
+        raise ArtifactError(fmt("parameter", repr(name), "a parameter of NVEmbedModel"))
+
+
+RELEASED = KeyTable(FROM_RELEASED, "an NV-Embed-v2")
+MISTRAL_CAUSAL_LM = KeyTable(FROM_MISTRAL_CAUSAL_LM, "a Mistral causal-LM ('model.*' or 'lm_head.weight')")
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in FROM_RELEASED.items()]
-_TO_RELEASED = [(re.compile("^" + re.escape(v).replace(r"\{\}", r"(\d+)") + "$"), k)
-                for k, v in FROM_RELEASED.items() if v is not None]
-
-
 def to_ours(key: str) -> str | None:
     """Released key -> our parameter name; raises for a key the table does not know."""
-    for pattern, ours in _PATTERNS:
-        m = pattern.match(key)
-        if m:
-            return None if ours is None else ours.replace("{}", m.group(1)) if m.groups() else ours
-    raise ArtifactError(fmt("checkpoint key", repr(key), "an NV-Embed-v2 key (unexpected key)"))
+    return RELEASED.to_ours(key)
 
 
 def to_released(name: str) -> str:
-    for pattern, released in _TO_RELEASED:
-        m = pattern.match(name)
-        if m:
-            return released.replace("{}", m.group(1)) if m.groups() else released
-    raise ArtifactError(fmt("parameter", repr(name), "a parameter of NVEmbedModel"))
+    return RELEASED.to_theirs(name)
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
@@ -157,6 +188,47 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
+def load_weights(
+    model: nn.Module,
+    files: list[Path],
+    table: KeyTable,
+    expected: dict[str, torch.Size],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Read checkpoint tensors into ``model`` (built on meta) through ``table``, one at a time.
+
+    Args:
+        model: the module whose parameters are filled (replaced, ``requires_grad`` off).
+        files: the safetensors files (:func:`safetensors_files`).
+        table: the checkpoint family's key table.
+        expected: our parameter name -> shape, every one of which must be filled.
+        dtype: target dtype. Defaults to float32.
+        device: target device. Defaults to ``"cpu"``.
+
+    Raises:
+        ArtifactError: an unknown, unexpected, mis-shaped or missing key, named.
+    """
+    seen: set[str] = set()
+    for key, tensor in _iter_tensors(files):
+        ours = table.to_ours(key)
+        if ours is None:
+            continue
+        if ours not in expected:
+            raise ArtifactError(fmt("checkpoint key", repr(key), f"config has no such parameter ({ours}); "
+                                    "does config.json match the weights?"))
+        if tensor.shape != expected[ours]:
+            raise ArtifactError(fmt(f"checkpoint key {key!r}", f"shape {tuple(tensor.shape)}",
+                                    f"shape {tuple(expected[ours])} from config.json"))
+        _set_param(model, ours, tensor.to(device=device, dtype=dtype))
+        seen.add(ours)
+        del tensor
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ArtifactError(fmt("checkpoint", f"missing keys {[table.to_theirs(m) for m in missing[:5]]}"
+                                f"{' ...' if len(missing) > 5 else ''}", f"every weight of {table.family} checkpoint"))
+
+
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
@@ -191,24 +263,7 @@ def load_model(
     with torch.device("meta"):
         model = NVEmbedModel(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}
-    seen: set[str] = set()
-    for key, tensor in _iter_tensors(files):
-        ours = to_ours(key)
-        if ours is None:
-            continue
-        if ours not in expected:
-            raise ArtifactError(fmt("checkpoint key", repr(key), f"config has no such parameter ({ours}); "
-                                    "does config.json match the weights?"))
-        if tensor.shape != expected[ours]:
-            raise ArtifactError(fmt(f"checkpoint key {key!r}", f"shape {tuple(tensor.shape)}",
-                                    f"shape {tuple(expected[ours])} from config.json"))
-        _set_param(model, ours, tensor.to(device=device, dtype=target))
-        seen.add(ours)
-        del tensor
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ArtifactError(fmt("checkpoint", f"missing keys {[to_released(m) for m in missing[:5]]}"
-                                f"{' ...' if len(missing) > 5 else ''}", "every NV-Embed-v2 weight"))
+    load_weights(model, files, RELEASED, expected, target, device)
     model.reset_buffers(device)
     return model.eval()
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "mine": "nvembed_sdk.train.cli:mine",
     "eval": "nvembed_sdk.train.cli:evaluate",
     "tokenizer": "nvembed_sdk.train.cli:tokenizer",
+    "grow": "nvembed_sdk.train.cli:grow",
     "embed-corpus": "nvembed_sdk.cli_corpus:embed_corpus",
     "calibrate": "nvembed_sdk.cli_output:calibrate",
     "serve": "nvembed_sdk.cli_serve:serve",

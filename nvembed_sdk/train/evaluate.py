@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nvembed_sdk.errors import ArtifactError, fmt
-from nvembed_sdk.train.data import read_jsonl
+from nvembed_sdk.train.readers import read_jsonl
 
 
 @dataclass
@@ -158,7 +158,7 @@ def evaluate_artifact(artifact: str | Path, beir_dir: str | Path, batch_size: in
         return evaluate_bm25(beir)
     if str(artifact) == "minilm" or _is_encoder_dir(Path(artifact)):
         # A sentence encoder (e.g. a distillation teacher): mean pooling, no instruction.
-        from nvembed_sdk.train.distill import teacher_encoder
+        from nvembed_sdk.train.teachers import teacher_encoder
 
         enc = teacher_encoder(str(artifact), batch_size=batch_size, max_length=256, device=device)
         return retrieval_metrics(enc(beir.queries) @ enc(beir.docs).T, beir)
@@ -170,7 +170,7 @@ def evaluate_artifact(artifact: str | Path, beir_dir: str | Path, batch_size: in
 
 def _is_encoder_dir(p: Path) -> bool:
     """A transformers model directory that is not an nvembed checkpoint or bundle."""
-    from nvembed_sdk.train.mining import _is_nvembed
+    from nvembed_sdk.train.teachers import _is_nvembed
 
     return p.is_dir() and (p / "config.json").is_file() and not (p / "nvembed.json").is_file() and not _is_nvembed(p)
 

@@ -45,7 +45,7 @@ def check_config(cfg: Any, world: int) -> None:
         (not cfg.lora.enabled, "lora.enabled", True, "'fsdp' is for full fine-tuning; LoRA uses the default 'ddp'"),
         (not cfg.eval.beir_dir, "eval.beir_dir", cfg.eval.beir_dir,
          "no periodic eval under 'fsdp'; score final/ with `nvembed eval` afterwards"),
-        (not cfg.init_token_embeddings, "init_token_embeddings", True, "not with 'fsdp' (a small-model option)"),
+        (not cfg.distill.init_token_embeddings, "distill.init_token_embeddings", True, "not with 'fsdp' (a small-model option)"),
         (micro % world == 0, "batch_size / grad_accum_steps", micro,
          f"divisible by the world size {world}, so every rank runs the same collectives"),
     ]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from nvembed_sdk.train.data import Encoded
+from nvembed_sdk.train.batch import Encoded
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

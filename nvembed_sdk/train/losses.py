@@ -1,30 +1,44 @@
-"""Contrastive loss of NV-Embed training: InfoNCE with hard negatives.
+"""Losses of NV-Embed training, each a small function on embeddings (no model) plus a module form.
 
-The maths lives in :func:`compute_loss_from_embeddings`, which takes embeddings and no model,
-so the plain loss, the GradCache variant (``nvembed_sdk.train.gradcache``) and the
-data-parallel path (embeddings gathered across ranks) all share it.
+* :func:`info_nce_loss` -- InfoNCE with hard and in-batch negatives, same-group columns masked
+  (the contrastive term every stage uses); :func:`info_nce_logits` gives its logits.
+* :func:`score_distill_loss` -- ``KL(teacher || student)`` over each query's own candidates,
+  towards the teacher scores ``nvembed mine`` stores.
+* :func:`embedding_distill_loss` -- ``1 - cos`` towards projected teacher embeddings
+  (``nvembed_sdk.train.distill`` makes the targets).
+
+:class:`StageLoss` composes them with the stage's weights (``TrainConfig.distill``); the plain
+loss, the GradCache variant (``nvembed_sdk.train.gradcache``) and the data-parallel path
+(embeddings gathered across ranks) all call the same functions.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def compute_loss_from_embeddings(
+class Logits(NamedTuple):
+    """InfoNCE's scores of one batch: ``logits`` (B, C), ``target`` (B,), ``own`` (B, 1 + K)."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    own: torch.Tensor
+
+
+def info_nce_logits(
     q: torch.Tensor,
     d: torch.Tensor,
     num_negatives: int,
+    *,
     temperature: float = 0.05,
     in_batch_negatives: bool = True,
     query_groups: torch.Tensor | None = None,
     doc_groups: torch.Tensor | None = None,
-    query_offset: int = 0,
-    teacher_scores: torch.Tensor | None = None,
-    distill_weight: float = 0.0,
-    distill_temperature: float = 1.0,
-) -> torch.Tensor:
+) -> Logits:
     """InfoNCE (a softmax cross-entropy over documents) with hard and in-batch negatives.
 
     **What it optimises.** For query ``i`` with positive ``p_i`` and a candidate set ``C_i``,
@@ -52,23 +66,18 @@ def compute_loss_from_embeddings(
     Args:
         q: (B, D) query embeddings (normalised or not: they are normalised here).
         d: (B * (1 + K), D) document embeddings laid out ``[p_0, n_0_1..n_0_K, p_1, ...]``.
-            With in-batch negatives ``d`` may hold more rows than ``q`` (every rank's
-            documents) and ``query_offset`` places ``q`` in it.
+            Under data parallelism both are the gathered global batch.
         num_negatives: K, hard negatives per query.
         temperature: tau. Defaults to 0.05.
         in_batch_negatives: score against the whole batch. Defaults to True.
-        query_groups: (B_all,) group ids of the queries of ``d``'s batch. Defaults to None (no mask).
-        doc_groups: (B_all * (1 + K),) group ids of the documents. Defaults to None.
-        query_offset: index of ``q[0]`` among ``d``'s queries (data-parallel: rank * local B).
-            Defaults to 0.
-        teacher_scores: (B, 1 + K) teacher scores of (positive, negatives), for an optional
-            distillation term ``KL(teacher || student)`` over each query's own candidates.
-            Defaults to None.
-        distill_weight: weight of the KL term. Defaults to 0 (off).
-        distill_temperature: temperature of the teacher's softmax. Defaults to 1.0.
+        query_groups: (B,) group ids of the queries. Defaults to None (no mask).
+        doc_groups: (B * (1 + K),) group ids of the documents. Defaults to None.
 
     Returns:
-        Scalar loss (mean over the queries of ``q``).
+        :class:`Logits`: the (B, C) logits, the (B,) target columns and the (B, 1 + K) logits
+        of each query's own candidates (what :func:`score_distill_loss` compares).
+
+    :func:`info_nce_loss` is the cross-entropy of these logits.
 
     **Related losses.** sentence-transformers' ``MultipleNegativesRankingLoss`` is this loss with
     in-batch negatives and no masking; ``CachedMultipleNegativesRankingLoss`` is its GradCache
@@ -78,30 +87,106 @@ def compute_loss_from_embeddings(
     K1 = 1 + num_negatives
     B = q.shape[0]
     q = F.normalize(q.float(), dim=-1)  # (B, D)
-    d = F.normalize(d.float(), dim=-1)  # (B_all * K1, D)
+    d = F.normalize(d.float(), dim=-1)  # (B * K1, D)
     rows = torch.arange(B, device=q.device)
     if in_batch_negatives:
-        logits = q @ d.T / temperature  # (B, B_all * K1)
-        target = (rows + query_offset) * K1  # column of each query's positive
+        logits = q @ d.T / temperature  # (B, B * K1)
+        target = rows * K1  # column of each query's positive
         if query_groups is not None and doc_groups is not None:
-            qg = query_groups.to(q.device)[rows + query_offset]  # (B,)
-            same = qg[:, None] == doc_groups.to(q.device)[None, :]  # (B, B_all * K1)
+            qg = query_groups.to(q.device)[rows]  # (B,)
+            same = qg[:, None] == doc_groups.to(q.device)[None, :]  # (B, B * K1)
             same[rows, target] = False  # the own positive stays
             logits = logits.masked_fill(same, float("-inf"))
         own = logits.gather(1, (target[:, None] + torch.arange(K1, device=q.device)[None]))  # (B, K1)
     else:
-        start = query_offset * K1
-        d_own = d[start : start + B * K1].view(B, K1, -1)  # (B, K1, D)
+        d_own = d[: B * K1].view(B, K1, -1)  # (B, K1, D)
         logits = torch.einsum("bd,bkd->bk", q, d_own) / temperature  # (B, K1)
         target = torch.zeros(B, dtype=torch.long, device=q.device)
         own = logits
-    loss = F.cross_entropy(logits, target)
+    return Logits(logits, target, own)
+
+
+def info_nce_loss(q: torch.Tensor, d: torch.Tensor, num_negatives: int, **kwargs) -> torch.Tensor:
+    """InfoNCE: mean softmax cross-entropy of :func:`info_nce_logits` (same keyword arguments)."""
+    scores = info_nce_logits(q, d, num_negatives, **kwargs)
+    return F.cross_entropy(scores.logits, scores.target)
+
+
+def score_distill_loss(own_logits: torch.Tensor, teacher_scores: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(teacher || student)`` over each query's own (positive, negatives), batch mean.
+
+    Args:
+        own_logits: (B, 1 + K) student logits (``Logits.own``, already divided by its tau).
+        teacher_scores: (B, 1 + K) teacher scores of the same candidates.
+        temperature: the teacher softmax's temperature. Defaults to 1.0.
+
+    The student learns the teacher's *ranking* of the candidates, not only which one is right
+    (the margin-MSE / KL distillation of cross-encoder scores in dense retrieval).
+    """
+    t = F.softmax(teacher_scores.to(own_logits.device).float() / temperature, dim=-1)  # (B, K1)
+    return F.kl_div(F.log_softmax(own_logits, dim=-1), t, reduction="batchmean")
+
+
+def embedding_distill_loss(student: torch.Tensor, target: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between student rows (n, D) and teacher targets (n, D) where ``found`` (n,)."""
+    if not bool(found.any()):
+        return student.sum() * 0.0
+    s = F.normalize(student[found.to(student.device)].float(), dim=-1)
+    t = target[found].to(s.device)
+    return (1.0 - (s * t).sum(-1)).mean()
+
+
+def compute_loss_from_embeddings(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    num_negatives: int,
+    temperature: float = 0.05,
+    in_batch_negatives: bool = True,
+    query_groups: torch.Tensor | None = None,
+    doc_groups: torch.Tensor | None = None,
+    *,
+    teacher_scores: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
+) -> torch.Tensor:
+    """InfoNCE plus, when ``teacher_scores`` are given and ``distill_weight > 0``, the weighted
+    :func:`score_distill_loss` (see :func:`info_nce_logits` for the arguments)."""
+    scores = info_nce_logits(q, d, num_negatives, temperature=temperature, in_batch_negatives=in_batch_negatives,
+                             query_groups=query_groups, doc_groups=doc_groups)
+    loss = F.cross_entropy(scores.logits, scores.target)
     if teacher_scores is not None and distill_weight > 0:
-        # Student distribution over the query's own (positive, negatives) vs the teacher's.
-        t = F.softmax(teacher_scores.to(q.device).float() / distill_temperature, dim=-1)  # (B, K1)
-        s = F.log_softmax(own, dim=-1)
-        loss = loss + distill_weight * F.kl_div(s, t, reduction="batchmean")
+        loss = loss + distill_weight * score_distill_loss(scores.own, teacher_scores, temperature=distill_temperature)
     return loss
+
+
+class StageLoss:
+    """One stage's objective on the global batch's embeddings: InfoNCE, plus the score KL term
+    when the batch carries teacher scores, plus the embedding term when targets are given.
+
+    Args:
+        temperature: InfoNCE tau. in_batch_negatives: score against the whole batch.
+        score_weight / score_temperature: the KL term (0: off).
+        embedding_weight: the ``1 - cos`` term (0: off).
+    """
+
+    def __init__(self, *, temperature: float, in_batch_negatives: bool, score_weight: float = 0.0,
+                 score_temperature: float = 1.0, embedding_weight: float = 0.0) -> None:
+        self.temperature = temperature
+        self.in_batch_negatives = in_batch_negatives
+        self.score_weight = score_weight
+        self.score_temperature = score_temperature
+        self.embedding_weight = embedding_weight
+
+    def __call__(self, q: torch.Tensor, d: torch.Tensor, batch, targets=None) -> torch.Tensor:
+        """``q`` (B, D), ``d`` (B * (1 + K), D), a ``TrainBatch``; ``targets``: ``(rows, found)``
+        teacher targets of ``cat([q, d])`` or None."""
+        loss = compute_loss_from_embeddings(
+            q, d, batch.num_negatives, self.temperature, self.in_batch_negatives, batch.query_groups,
+            batch.doc_groups, teacher_scores=batch.teacher_scores, distill_weight=self.score_weight,
+            distill_temperature=self.score_temperature)
+        if targets is not None and self.embedding_weight > 0:
+            loss = loss + self.embedding_weight * embedding_distill_loss(torch.cat([q, d]), *targets)
+        return loss
 
 
 class InfoNCELoss(nn.Module):
@@ -110,7 +195,7 @@ class InfoNCELoss(nn.Module):
     Args:
         model: maps ``(input_ids, attention_mask, pool_mask)`` to (N, D) embeddings.
         temperature: tau (scale = 1 / tau). Defaults to 0.05.
-        in_batch_negatives: see :func:`compute_loss_from_embeddings`. Defaults to True.
+        in_batch_negatives: see :func:`info_nce_logits`. Defaults to True.
         distill_weight: KL weight towards teacher scores. Defaults to 0.
         distill_temperature: teacher softmax temperature. Defaults to 1.0.
     """
@@ -119,23 +204,19 @@ class InfoNCELoss(nn.Module):
                  distill_weight: float = 0.0, distill_temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
-        self.temperature = temperature
-        self.in_batch_negatives = in_batch_negatives
-        self.distill_weight = distill_weight
-        self.distill_temperature = distill_temperature
+        self.objective = StageLoss(temperature=temperature, in_batch_negatives=in_batch_negatives,
+                                   score_weight=distill_weight, score_temperature=distill_temperature)
 
     def embed(self, enc) -> torch.Tensor:
         return self.model(enc.input_ids, enc.attention_mask, enc.pool_mask)
 
-    def loss_from_embeddings(self, q: torch.Tensor, d: torch.Tensor, batch, query_offset: int = 0) -> torch.Tensor:
-        return compute_loss_from_embeddings(
-            q, d, batch.num_negatives, self.temperature, self.in_batch_negatives,
-            batch.query_groups, batch.doc_groups, query_offset, batch.teacher_scores,
-            self.distill_weight, self.distill_temperature)
+    def loss_from_embeddings(self, q: torch.Tensor, d: torch.Tensor, batch) -> torch.Tensor:
+        return self.objective(q, d, batch)
 
     def forward(self, batch) -> torch.Tensor:
-        """Loss of one :class:`nvembed_sdk.train.data.TrainBatch` (single process)."""
+        """Loss of one :class:`nvembed_sdk.train.batch.TrainBatch` (single process)."""
         return self.loss_from_embeddings(self.embed(batch.queries), self.embed(batch.docs), batch)
 
 
-__all__ = ["InfoNCELoss", "compute_loss_from_embeddings"]
+__all__ = ["InfoNCELoss", "Logits", "StageLoss", "compute_loss_from_embeddings", "embedding_distill_loss",
+           "info_nce_logits", "info_nce_loss", "score_distill_loss"]

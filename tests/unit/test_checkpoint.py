@@ -112,3 +112,15 @@ def test_key_table_is_explicit():
     assert all(k.startswith(("embedding_model.", "latent_attention_model.")) for k in FROM_RELEASED)
     with pytest.raises(ArtifactError, match="unexpected key"):
         to_ours("model.layers.0.mlp.up_proj.weight")
+
+
+def test_mistral_key_table_is_the_decoder_part_of_the_released_one():
+    from nvembed_sdk.checkpoint import FROM_MISTRAL_CAUSAL_LM, MISTRAL_CAUSAL_LM
+
+    decoder = {k: v for k, v in FROM_RELEASED.items() if k.startswith("embedding_model.")}
+    assert {"embedding_model." + k[len("model."):]: v for k, v in FROM_MISTRAL_CAUSAL_LM.items()
+            if k != "lm_head.weight"} == decoder
+    assert MISTRAL_CAUSAL_LM.to_ours("model.layers.3.mlp.up_proj.weight") == "decoder.layers.3.mlp.up_proj.weight"
+    assert MISTRAL_CAUSAL_LM.to_ours("lm_head.weight") is None
+    with pytest.raises(ArtifactError, match="Mistral causal-LM"):
+        MISTRAL_CAUSAL_LM.to_ours("latent_attention_model.latents")

@@ -1,8 +1,7 @@
-"""scripts/grow_model.py: widening the decoder MLPs keeps the embeddings and leaves the new units trainable."""
+"""nvembed grow (nvembed_sdk.train.grow): widening the decoder MLPs keeps the embeddings and leaves the new units trainable."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,29 @@ import torch
 
 from nvembed_sdk import Embedder
 from nvembed_sdk.checkpoint import load_model
+from nvembed_sdk.cli import main
+from nvembed_sdk.errors import InputError
+from nvembed_sdk.train import grow as grow_module
 
 from conftest import SAMPLE_TEXTS, assert_close_cos
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grow_model.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grow_model.py"  # the old command, a shim now
 
 
 def _grow_module():
-    spec = importlib.util.spec_from_file_location("grow_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return grow_module
+
+
+def _nvembed_grow(*args: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", *args])
+    assert exc.value.code == 0
 
 
 def test_grown_checkpoint_embeds_like_the_original(tiny_checkpoint, tmp_path):
     out = tmp_path / "grown"
     width = load_model(tiny_checkpoint).cfg.text.intermediate_size
-    subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_checkpoint), "--intermediate-size",
-                    str(2 * width), "--output", str(out)], check=True, capture_output=True)
+    _nvembed_grow("--model", str(tiny_checkpoint), "--intermediate-size", str(2 * width), "--output", str(out))
     grown = load_model(out)
     assert grown.cfg.text.intermediate_size == 2 * width
     mlp = grown.decoder.layers[0].mlp
@@ -56,7 +60,7 @@ def test_new_units_receive_gradient(tiny_model):
 
 def test_shrinking_is_refused(tiny_model):
     grow = _grow_module()
-    with pytest.raises(SystemExit, match="below the current"):
+    with pytest.raises(InputError, match="below the current"):
         grow.grow_mlp(tiny_model, tiny_model.cfg.text.intermediate_size - 1)
 
 
@@ -83,7 +87,7 @@ def test_layer_sources_spread_the_copies():
     assert grow.layer_sources(4, 6) == [0, 1, 1, 2, 3, 3]
     assert grow.layer_sources(4, 5) == [0, 1, 2, 3, 3]
     assert grow.layer_sources(3, 3) == [0, 1, 2]
-    with pytest.raises(SystemExit, match="at most twice"):
+    with pytest.raises(InputError, match="at most twice"):
         grow.layer_sources(2, 5)
 
 
@@ -103,5 +107,12 @@ def test_inserted_layers_receive_gradient(tiny_model):
 
 def test_fewer_layers_is_refused(tiny_model):
     grow = _grow_module()
-    with pytest.raises(SystemExit, match="below the current"):
+    with pytest.raises(InputError, match="below the current"):
         grow.grow_layers(tiny_model, tiny_model.cfg.text.num_hidden_layers - 1)
+
+
+def test_nothing_to_do_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "g")])
+    assert exc.value.code != 0 and "--intermediate-size and/or --layers" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()

@@ -119,6 +119,15 @@ def test_mistral_causal_lm_init(tmp_path, tiny_model):
         assert torch.equal(model.decoder.get_parameter(name), p), name
     assert model.head.latents.shape == (8, t.hidden_size) and torch.isfinite(model.head.latents).all()
     assert all(p.requires_grad for p in model.parameters())
+    # the shared strict loader names a key the Mistral table does not know, and a missing weight
+    from nvembed_sdk.errors import ArtifactError
+
+    save_file({**tensors, "model.layers.0.self_attn.extra.weight": torch.zeros(2)}, str(src / "model.safetensors"))
+    with pytest.raises(ArtifactError, match="extra.weight.*Mistral causal-LM"):
+        load_mistral(src)
+    save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, str(src / "model.safetensors"))
+    with pytest.raises(ArtifactError, match="model.norm.weight"):
+        load_mistral(src)
 
 
 def _subset(src: Path, dst: Path, n: int, seed: int = 0) -> Path:
@@ -164,3 +173,14 @@ def test_two_stages_on_shared_data(tmp_path):
     with Embedder.load(s2["final_dir"]) as emb:
         v = emb.embed_queries(["a text editor"], task="Find it")
     assert v.shape == (1, 64)
+
+
+def test_head_dim_is_always_derived():
+    from nvembed_sdk.errors import InputError
+    from nvembed_sdk.train.startup import scratch_config
+
+    cfg = scratch_config({"preset": "tiny-test", "hidden_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2},
+                         vocab_size=300)
+    assert cfg.text.head_dim == 24  # not the preset's own head_dim
+    with pytest.raises(InputError, match="head_dim"):
+        scratch_config({"preset": "tiny-test", "hidden_size": 96, "num_attention_heads": 4, "head_dim": 32}, 300)

@@ -1,0 +1,67 @@
+"""Ranks under torchrun: who is main, gathering embeddings, summing gradients.
+
+Every rank builds the same global batch and embeds its contiguous shard; :meth:`Dist.gather`
+returns every rank's rows with only the local ones carrying a graph, so in-batch negatives span
+the global batch and every rank computes the same global loss; summing the ranks' gradients
+(:meth:`Dist.sum_grads`) then gives exactly that loss's gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' (n, D) rows, rank-major; the local rows keep their graph (the others are
+        constants here: their own rank differentiates them)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[self.rank] = x
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum_grads(self, params: list[torch.Tensor]) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def setup_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+
+__all__ = ["Dist", "setup_dist"]
