@@ -9,7 +9,11 @@ Ray Serve to replace it.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,6 +96,67 @@ def _replicas_seen(url: str, want: int, timeout: float = WAIT) -> set[str]:
             if r.status_code == 200:
                 seen.add(r.headers[REPLICA_HEADER])
     return seen
+
+
+def test_cli_sigterm_drains_admitted_requests(embedder):
+    """``nvembed serve --ray local`` (its own local cluster, before the module's): SIGTERM while
+    requests are in flight answers every one of them, then the launcher exits 0."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "nvembed_sdk.cli", "serve", str(SHIPPED), "--ray", "local", "--replicas", "1",
+           "--cpus-per-replica", "0.5", "--port", str(port), "--backend", "torch", "--served-model-name", NAME,
+           "--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + WAIT
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+        texts = [DOCS[i % len(DOCS)] * 8 for i in range(64)]  # long enough to be in flight at the signal
+        ref = embedder.embed_documents(texts)
+        results: list[object] = []
+        done_at: list[float] = []
+        sent = threading.Barrier(5)
+
+        def one() -> None:
+            with httpx.Client(timeout=180) as client:
+                req = client.build_request("POST", url + "/v1/embeddings",
+                                           json={"input": texts, "model": NAME, "encoding_format": "float"})
+                sent.wait()
+                try:
+                    results.append(client.send(req))
+                except httpx.HTTPError as exc:
+                    results.append(exc)
+                done_at.append(time.time())
+
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        sent.wait()
+        time.sleep(0.3)  # the 4 requests are on the wire
+        t_term = time.time()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(200)
+        rc = proc.wait(200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    print(f"sigterm test: {sum(t > t_term for t in done_at)} of 4 answers came after the signal")
+    assert len(results) == 4 and all(isinstance(r, httpx.Response) and r.status_code == 200 for r in results), \
+        [getattr(r, "status_code", r) for r in results]
+    for r in results:
+        got = np.asarray([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        assert _cos(got, ref).min() >= COS
+    assert rc == 0, err[-2000:]
 
 
 def test_openai_client_gets_the_single_process_vectors(served, embedder):
