@@ -85,7 +85,12 @@ class ServeState:
         self.pool = ThreadPoolExecutor(settings.tokenize_threads, thread_name_prefix="nvembed-tokenize")
 
     async def load(self) -> None:
-        """Load the embedder (a factory runs off the event loop) and start the batcher."""
+        """Load the embedder (a factory runs off the event loop) and start the batcher.
+
+        Idempotent: a host that started the state itself (Ray Serve, before taking traffic)
+        then runs the lifespan, whose ``load`` and ``warm_up`` do nothing the second time."""
+        if self.batcher is not None:
+            return
         if self.embedder is None:
             src = self._source
             self.embedder = src if isinstance(src, Embedder) else await asyncio.to_thread(src)
@@ -104,6 +109,8 @@ class ServeState:
         """One batch through the queue (the worker thread's first pass: CUDA/TensorRT context,
         ORT arenas), then ready."""
         assert self.batcher is not None and self.embedder is not None
+        if self.ready:
+            return
         if self.settings.warmup:
             rows = self.embedder.text.tokenize(["warm-up"], "")
             await self.batcher.submit(rows, [0]).future

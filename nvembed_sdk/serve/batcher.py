@@ -172,6 +172,10 @@ class Batcher:
     def closing(self) -> bool:
         return self._closing
 
+    def alive(self) -> bool:
+        """Both threads run (a host's health check: a dead worker thread answers nothing)."""
+        return self._packer.is_alive() and self._worker.is_alive()
+
     def full(self) -> bool:
         """Cheap pre-check before tokenising: the queue is already at its limit."""
         return self._queued_tokens >= self.max_queue_tokens

@@ -30,7 +30,7 @@ def test_import_is_light():
 def test_corpus_and_scale_out_modules_are_light():
     # ray and pyarrow load only when a corpus job runs
     loaded = _loaded_after("import nvembed_sdk.corpus, nvembed_sdk.corpus.ray_job, nvembed_sdk.cli_corpus, "
-                           "nvembed_sdk.train.fsdp")
+                           "nvembed_sdk.train.fsdp, nvembed_sdk.serve.ray_serve")
     assert not {"ray", "pyarrow", *HEAVY} & set(loaded), {"ray", "pyarrow", *HEAVY} & set(loaded)
 
 
