@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, fmt, writing
 from nvembed_sdk.integrations.st_files import ST_FILES
 from nvembed_sdk.manifest import MANIFEST, read_manifest
 from nvembed_sdk.output import OUTPUT_FILE
@@ -212,7 +212,15 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         return
     t = t.absolute()
     check_target(t, overwrite)
-    t.parent.mkdir(parents=True, exist_ok=True)
+    # A full or read-only disk: one line naming the bundle (the staging directory is removed below).
+    with writing(t, "bundle"):
+        t.parent.mkdir(parents=True, exist_ok=True)
+        with _locked_stage(t, overwrite) as stage:
+            yield stage
+
+
+@contextlib.contextmanager
+def _locked_stage(t: Path, overwrite: bool) -> Iterator[Path]:
     with _lock(t):
         _recover(t)
         check_target(t, overwrite)

@@ -218,6 +218,40 @@ def test_os_errors_are_one_line(tmp_path):
     assert user_message(KeyError("a bug")) is None  # bugs keep their traceback
 
 
+def _entries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_export_to_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tiny_checkpoint, small_fs):
+    full = small_fs("400k")  # the tiny bundle needs ~0.9 MB
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(full / "bundle")])
+    line = _one_line_error(res)
+    assert f"writing bundle {full / 'bundle'}" in line and "ENOSPC" in line and "free disk space" in line
+    assert _entries(full) == []  # no staging directory, no lock, no partial bundle
+    ro = small_fs("1m", read_only=True)
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(ro / "bundle")])
+    line = _one_line_error(res)
+    assert f"writing bundle {ro / 'bundle'}" in line and "EROFS" in line and "read-only" in line
+
+
+def test_corpus_part_on_a_full_disk_is_named_and_removed(small_fs):
+    pytest.importorskip("pyarrow")
+    from nvembed_sdk.corpus.source import Part
+    from nvembed_sdk.corpus.store import STAGING, write_part
+    from nvembed_sdk.errors import OutputError
+
+    out = small_fs("64k")
+    (out / STAGING).mkdir()
+    n, dim = 400, 64  # ~100 KB of float32 vectors: more than the disk holds
+    vecs = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    with pytest.raises(OutputError, match=r"writing corpus part .*part-000000.parquet .*ENOSPC") as info:
+        write_part(out, Part(0, 0, n), [str(i) for i in range(n)], vecs, np.ones(n, np.int32), "float32", {})
+    assert info.value.errno == errno.ENOSPC and user_message(info.value).startswith("writing corpus part")
+    assert _entries(out) == [STAGING]  # the half-written part is gone; no part file appeared
+
+
 def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch):
     monkeypatch.delenv("NVEMBED_DEBUG", raising=False)
     missing = str(tmp_path / "missing")

@@ -131,3 +131,22 @@ def test_bad_train_settings_name_the_field(key, value, needle):
         TrainConfig.from_dict({**base, key: value})
     assert needle in str(err.value)
     assert TrainConfig.from_dict({**base, "lr": 1e6}).lr == 1e6  # allowed: the non-finite guard stops it
+
+
+@pytest.mark.parametrize("size", ["1200k", "2500k"])  # full during the first checkpoint / a later one
+def test_full_disk_during_a_checkpoint_is_one_error_and_leaves_no_partial_checkpoint(tmp_path, pairs,
+                                                                                       tiny_tokenizer_dir, small_fs,
+                                                                                       size):
+    import errno
+
+    from nvembed_sdk.errors import OutputError
+    from nvembed_sdk.train.loop import load_state
+
+    out = small_fs(size) / "run"
+    with pytest.raises(OutputError, match=r"writing checkpoint .*step-\d+ \| got .*\(ENOSPC\)") as info:
+        train(_cfg(out, pairs, tiny_tokenizer_dir, max_steps=4), log=lambda s: None)
+    assert info.value.errno == errno.ENOSPC
+    ckpts = out / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == []  # no half-written temp dir
+    for c in checkpoint_dirs(out):  # what is there is whole: a later --resume starts from it
+        assert load_state(c)["step"] == int(c.name.split("-")[1]) and _finite(c)
