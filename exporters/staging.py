@@ -92,6 +92,11 @@ def check_target(target: str | Path, overwrite: bool = False) -> None:
     """
     t = Path(target)
     if not t.exists() and not t.is_symlink():
+        # A path under a regular file (out.txt/bundle) would fail at mkdir with a misleading EEXIST.
+        above = next((p for p in t.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ArtifactError(fmt(f"output {t}", f"{above} is a regular file, not a directory",
+                                    "an --output whose parent folders are directories (or do not exist yet)"))
         return
     if not t.is_dir() or t.is_symlink():
         raise ArtifactError(fmt(f"output {t}", "an existing file or link, not a directory",

@@ -236,6 +236,16 @@ def test_export_to_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tiny_
     assert f"writing bundle {ro / 'bundle'}" in line and "EROFS" in line and "read-only" in line
 
 
+def test_export_output_under_a_regular_file_names_it(tiny_checkpoint, tmp_path):
+    regular = tmp_path / "notes.txt"
+    regular.write_text("mine")
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(regular / "sub" / "bundle")])
+    line = _one_line_error(res)
+    assert f"{regular} is a regular file" in line and "EEXIST" not in line
+    assert regular.read_text() == "mine"
+
+
 def test_corpus_part_on_a_full_disk_is_named_and_removed(small_fs):
     pytest.importorskip("pyarrow")
     from nvembed_sdk.corpus.source import Part
