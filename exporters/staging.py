@@ -70,14 +70,15 @@ def final_path(path: str | Path) -> Path:
 def is_bundle(path: Path) -> bool:
     """A directory holding an ``nvembed.json`` of an ONNX or TensorRT bundle (any format version)."""
     try:
-        return path.is_dir() and read_manifest(path).get("kind") in _BUNDLE_KINDS
+        # Types unchecked: a bundle with a hand-broken field is still ours to replace (--overwrite).
+        return path.is_dir() and read_manifest(path, check_types=False).get("kind") in _BUNDLE_KINDS
     except ArtifactError:
         return False
 
 
 def _foreign_entries(bundle: Path) -> list[str]:
     """Entries of a bundle directory that its exporter did not write (they would be deleted)."""
-    m = read_manifest(bundle)
+    m = read_manifest(bundle, check_types=False)
     own = {MANIFEST, *TOKENIZER_FILES, *ST_FILES, OUTPUT_FILE, "onnx",
            *(str(v) for v in (m.get("files") or {}).values())}
     return sorted(e.name for e in bundle.iterdir() if e.name not in own)

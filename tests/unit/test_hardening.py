@@ -89,6 +89,17 @@ def test_manifest_field_types_are_checked():
         check_manifest_types({**good, "text": {"max_length": 0}}, "nvembed.json")
 
 
+def test_info_checks_manifest_field_types(tiny_checkpoint, tmp_path):
+    from nvembed_sdk.manifest import MANIFEST
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / MANIFEST).write_text(json.dumps({"format_version": 2, "kind": "onnx", "files": {"model": "model.onnx"},
+                                               "model": {"dim": "big"}}))
+    line = _one_line_error(CliRunner().invoke(main, ["info", str(bundle)]))  # printed "dim: big", exit 0
+    assert "model.dim" in line and "'big'" in line
+
+
 def test_is_mask_instruction_false_pools_the_instruction(tiny_checkpoint_copy):
     ins = "Instruct: Given a question, retrieve passages\nQuery: "
     masked = Embedder.load(tiny_checkpoint_copy, device="cpu").embed("options", instruction=ins)
@@ -307,6 +318,26 @@ def test_export_refuses_a_bad_opset_before_any_work(tiny_checkpoint, tmp_path):
                                     "--output", str(tmp_path / "out")])
     assert "--opset | got 99" in _one_line_error(res)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-length", "-1"], "--max-length | got -1. Note: an int >= 1"),  # was recorded; the bundle then failed to load
+    (["--max-length", "100000"], "at most the model's 512 positions"),  # was clamped at load without a word
+    (["--precision", "int8", "--calibration-size", "0"], "--calibration-size | got 0"),  # was the default 256
+    (["--precision", "int8", "--calibration-size", "3"], "an int >= 16"),
+])
+def test_export_refuses_sizes_it_would_record_or_ignore(tiny_checkpoint, tmp_path, args, needle):
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx", *args,
+                                    "--output", str(tmp_path / "out")])
+    assert needle in _one_line_error(res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_api_refuses_a_mistyped_calibration_size(tiny_checkpoint, tmp_path):
+    from nvembed_sdk.exporters.pipeline import export
+
+    with pytest.raises(InputError, match="--calibration-size | got 'x'"):  # was int('x'): ValueError
+        export(tiny_checkpoint, tmp_path / "out", precision="int8", calibration_size="x")
 
 
 @pytest.mark.parametrize("command", ["info", "embed", "export", "parity", "bench", "train", "mine", "eval",
