@@ -152,6 +152,16 @@ def test_full_disk_during_a_checkpoint_is_one_error_and_leaves_no_partial_checkp
         assert load_state(c)["step"] == int(c.name.split("-")[1]) and _finite(c)
 
 
+@pytest.mark.parametrize("content, needle", [(b"\xff\xfe{}", "not UTF-8"), (b"[1, 2]", "got a list"),
+                                             (b'"lr"', "got a str")])
+def test_unreadable_train_config_names_the_file(tmp_path, content, needle):
+    path = tmp_path / "stage.json"
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=needle) as info:
+        TrainConfig.from_file(path)
+    assert str(info.value).startswith(str(path))
+
+
 # ---- SIGKILL during a checkpoint (a real `nvembed train` process) -------------------------------
 
 KILL_DRIVER = Path(__file__).with_name("train_kill_driver.py")
