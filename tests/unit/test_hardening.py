@@ -48,6 +48,30 @@ def test_instruction_merging_into_the_text_raises_naming_it_instead_of_nan():
     assert np.isfinite(v).all()
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda e: e.embed({"a": 1}), "texts | got dict"),  # embedded the keys
+    (lambda e: e.embed(b"abc"), "texts | got bytes"),
+    (lambda e: e.embed(["a"], normalize="no"), "normalize | got 'no'"),  # truthy: normalised silently
+    (lambda e: e.embed(["a"], batch_size=True), "batch_size | got True"),
+])
+def test_mistyped_embed_arguments_are_refused(tiny_checkpoint, call, needle):
+    with pytest.raises(InputError, match=needle.replace("|", r"\|")):
+        call(Embedder.load(tiny_checkpoint))
+
+
+@pytest.mark.parametrize("path", [None, 123])
+def test_a_path_that_is_not_a_path_is_an_input_error(path):
+    with pytest.raises(InputError, match="artifact path"):  # was TypeError from Path()
+        Embedder.load(path)
+
+
+def test_parity_refuses_a_str_of_texts(tiny_checkpoint):
+    from nvembed_sdk.parity import compare
+
+    with pytest.raises(InputError, match="parity texts"):  # compared its characters
+        compare(tiny_checkpoint, tiny_checkpoint, texts="abc")
+
+
 def test_nan_weights_raise_naming_the_texts(tiny_checkpoint_copy):
     path = tiny_checkpoint_copy / "model.safetensors"
     tensors = load_file(path)
