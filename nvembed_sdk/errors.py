@@ -82,7 +82,8 @@ def user_message(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, OSError):
         code = errno_mod.errorcode.get(exc.errno or 0, "")
-        where = exc.filename if exc.filename is not None else "file system"
+        # A failed write() carries no file name: it was writing an output (a file, or stdout).
+        where = exc.filename if exc.filename is not None else "writing the output (a file or stdout)"
         return fmt(str(where), f"{exc.strerror or exc} ({code or type(exc).__name__})",
                    _OS_FIXES.get(code, "check the path, its permissions and the free disk space"))
     if isinstance(exc, UnicodeError):

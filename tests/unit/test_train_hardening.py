@@ -162,6 +162,16 @@ def test_unreadable_train_config_names_the_file(tmp_path, content, needle):
     assert str(info.value).startswith(str(path))
 
 
+def test_records_on_a_full_disk_name_the_file_and_leave_no_temp(small_fs):
+    from nvembed_sdk.errors import OutputError
+
+    out = small_fs("8k") / "mined.jsonl"
+    recs = ({"query": f"q{i}", "positive": "p" * 100} for i in range(400))  # ~50 KB
+    with pytest.raises(OutputError, match=rf"writing records {out} \| got .*ENOSPC"):  # was "file system"
+        write_jsonl(out, recs)
+    assert list(out.parent.iterdir()) == []  # no mined.jsonl.tmp
+
+
 # ---- SIGKILL during a checkpoint (a real `nvembed train` process) -------------------------------
 
 KILL_DRIVER = Path(__file__).with_name("train_kill_driver.py")
