@@ -100,5 +100,6 @@ def check_manifest_types(data: dict[str, Any], where: str | Path) -> dict[str, A
         if not ok:
             name = f"{section}.{key}" if section else key
             need = getattr(tp, "__name__", str(tp)) + (f" >= {minimum}" if minimum is not None else "")
-            raise ArtifactError(fmt(f"{where} {name}", f"{value!r:.60}", f"a {need}; re-export the bundle"))
+            article = "an" if need[0] in "aeiou" else "a"
+            raise ArtifactError(fmt(f"{where} {name}", f"{value!r:.60}", f"{article} {need}; re-export the bundle"))
     return data
