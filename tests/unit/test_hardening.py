@@ -247,7 +247,7 @@ def test_os_errors_are_one_line(tmp_path):
     if Path("/dev/full").exists():  # a full disk
         res = CliRunner().invoke(write, ["/dev/full"])
         assert "ENOSPC" in _one_line_error(res) and "free disk space" in res.output
-    # Read-only file systems cannot be made here (tests run as root); the mapping is checked.
+    # Real full and read-only file systems (tmpfs) are in the export, corpus and training tests; the mapping:
     msg = user_message(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"))
     assert msg is not None and msg.startswith("/mnt/ro/x | got Read-only file system (EROFS)")
     assert user_message(KeyError("a bug")) is None  # bugs keep their traceback
