@@ -38,12 +38,14 @@ def _onnx_source(model: str | Path) -> dict[str, Any] | None:
 
 def check_export(to: str, precision: str, model: str | Path | None = None, runtime: str | None = None,
                  target: str = "datacenter", strongly_typed: bool | None = None, opset: int | None = None,
-                 calibration: str | Path | None = None, calibration_size: int | None = None) -> Plan:
+                 calibration: str | Path | None = None, calibration_size: int | None = None,
+                 max_length: int | None = None) -> Plan:
     """Every check that needs neither a model nor TensorRT; returns the plan. Instant."""
     from nvembed_sdk.errors import InputError, fmt
-    from nvembed_sdk.validate import check_opset
+    from nvembed_sdk.validate import check_export_sizes, check_opset
 
     check_opset(opset)  # --opset 99: refused before any slow work
+    check_export_sizes(max_length, calibration_size, model)
     source = _onnx_source(model) if (model is not None and to == "tensorrt") else None
     plan = make_plan(to, precision, runtime=runtime, target=target, strongly_typed=strongly_typed, opset=opset,
                      source=source)
@@ -121,7 +123,8 @@ def export(
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.exporters.staging import check_target, staged_output
 
-    plan = check_export(to, precision, model, runtime, target, strongly_typed, opset, calibration, calibration_size)
+    plan = check_export(to, precision, model, runtime, target, strongly_typed, opset, calibration, calibration_size,
+                        max_length)
     if Path(output).resolve() == Path(model).resolve():
         raise InputError(fmt("--output", str(output), "a directory other than the --model it is exported from"))
     check_target(output, overwrite)  # a foreign or existing target is refused before any slow work

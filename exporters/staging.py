@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, fmt, writing
 from nvembed_sdk.integrations.st_files import ST_FILES
 from nvembed_sdk.manifest import MANIFEST, read_manifest
 from nvembed_sdk.output import OUTPUT_FILE
@@ -70,14 +70,15 @@ def final_path(path: str | Path) -> Path:
 def is_bundle(path: Path) -> bool:
     """A directory holding an ``nvembed.json`` of an ONNX or TensorRT bundle (any format version)."""
     try:
-        return path.is_dir() and read_manifest(path).get("kind") in _BUNDLE_KINDS
+        # Types unchecked: a bundle with a hand-broken field is still ours to replace (--overwrite).
+        return path.is_dir() and read_manifest(path, check_types=False).get("kind") in _BUNDLE_KINDS
     except ArtifactError:
         return False
 
 
 def _foreign_entries(bundle: Path) -> list[str]:
     """Entries of a bundle directory that its exporter did not write (they would be deleted)."""
-    m = read_manifest(bundle)
+    m = read_manifest(bundle, check_types=False)
     own = {MANIFEST, *TOKENIZER_FILES, *ST_FILES, OUTPUT_FILE, "onnx",
            *(str(v) for v in (m.get("files") or {}).values())}
     return sorted(e.name for e in bundle.iterdir() if e.name not in own)
@@ -92,6 +93,11 @@ def check_target(target: str | Path, overwrite: bool = False) -> None:
     """
     t = Path(target)
     if not t.exists() and not t.is_symlink():
+        # A path under a regular file (out.txt/bundle) would fail at mkdir with a misleading EEXIST.
+        above = next((p for p in t.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ArtifactError(fmt(f"output {t}", f"{above} is a regular file, not a directory",
+                                    "an --output whose parent folders are directories (or do not exist yet)"))
         return
     if not t.is_dir() or t.is_symlink():
         raise ArtifactError(fmt(f"output {t}", "an existing file or link, not a directory",
@@ -212,7 +218,15 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         return
     t = t.absolute()
     check_target(t, overwrite)
-    t.parent.mkdir(parents=True, exist_ok=True)
+    # A full or read-only disk: one line naming the bundle (the staging directory is removed below).
+    with writing(t, "bundle"):
+        t.parent.mkdir(parents=True, exist_ok=True)
+        with _locked_stage(t, overwrite) as stage:
+            yield stage
+
+
+@contextlib.contextmanager
+def _locked_stage(t: Path, overwrite: bool) -> Iterator[Path]:
     with _lock(t):
         _recover(t)
         check_target(t, overwrite)

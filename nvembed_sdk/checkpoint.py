@@ -287,6 +287,45 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+class _WholeWrites:
+    """A file torch.save writes through that remembers the OSError of a failed write.
+
+    torch's zip writer turns a failed write (a full disk) into ``RuntimeError("unexpected pos
+    ...")``; :func:`save_torch` re-raises the OSError (ENOSPC) it was, so the caller can name the
+    file and the fix.
+    """
+
+    def __init__(self, fh: object) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        done = 0
+        try:
+            while done < len(view):
+                done += self._fh.write(view[done:])  # type: ignore[attr-defined]  # raw FileIO: short or OSError
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+    def flush(self) -> None:  # raw FileIO: nothing buffered here
+        pass
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """``torch.save(obj, path)`` whose full-disk failure is an OSError (ENOSPC), not a RuntimeError."""
+    with open(path, "wb", buffering=0) as fh:
+        writer = _WholeWrites(fh)
+        try:
+            torch.save(obj, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def save_model(
     model: NVEmbedModel,
     directory: str | Path,

@@ -38,6 +38,8 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
     Raises:
         ArtifactError: the path is missing or is not an artifact this SDK knows.
     """
+    if not isinstance(path, str | Path):  # Path(None) raised a bare TypeError
+        raise InputError(fmt("artifact path", f"{type(path).__name__} {path!r:.40}", "a str or pathlib.Path"))
     p = Path(path)
     if not p.exists():
         raise ArtifactError(fmt("artifact", f"{p} does not exist",
@@ -219,8 +221,10 @@ class Embedder:
         if not isinstance(instruction, str):
             raise InputError(fmt("instruction", type(instruction).__name__, "a str"))
         check_utf8(instruction, "instruction")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(fmt("batch_size", batch_size, "an int >= 1"))
+        if not isinstance(normalize, bool | np.bool_):  # "no" was truthy: normalised without a word
+            raise InputError(fmt("normalize", repr(normalize), "True or False"))
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise InputError(fmt("max_length", max_length, "an int >= 1 or None"))
         positions = self.manifest.get("model", {}).get("max_position_embeddings")

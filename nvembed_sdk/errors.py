@@ -6,6 +6,10 @@ so that a one-line CLI error tells the user both the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class NVEmbedError(Exception):
     """Base class of every error the SDK raises on purpose."""
@@ -59,6 +63,7 @@ _OS_FIXES = {
     "ENOTDIR": "a part of the path is a regular file, not a directory; choose another path",
     "ENOENT": "an existing path (check the spelling)",
     "EISDIR": "a file path, not a directory",
+    "EFBIG": "the file is larger than this file system allows; write elsewhere",
     "EEXIST": "a path that does not exist yet, or remove the old one",
     "ENAMETOOLONG": "a shorter path",
 }
@@ -77,7 +82,8 @@ def user_message(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, OSError):
         code = errno_mod.errorcode.get(exc.errno or 0, "")
-        where = exc.filename if exc.filename is not None else "file system"
+        # A failed write() carries no file name: it was writing an output (a file, or stdout).
+        where = exc.filename if exc.filename is not None else "writing the output (a file or stdout)"
         return fmt(str(where), f"{exc.strerror or exc} ({code or type(exc).__name__})",
                    _OS_FIXES.get(code, "check the path, its permissions and the free disk space"))
     if isinstance(exc, UnicodeError):
@@ -88,3 +94,37 @@ def user_message(exc: BaseException) -> str | None:
 
 class TrainingDiverged(NVEmbedError):
     """Training produced a non-finite loss, gradient or weight; the run stopped before saving it."""
+
+
+class OutputError(NVEmbedError, OSError):
+    """Writing an output failed on a full or read-only disk; the message names the output and the
+    fix, and the writer removed what it had half written."""
+
+
+# errnos that mean "this output cannot be written here" (not a bad input path): mapped by writing().
+_WRITE_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str) -> Iterator[None]:
+    """Turn a full or read-only disk while writing ``what`` at ``path`` into an :class:`OutputError`.
+
+    A write that fails with ENOSPC carries no file name (the OSError comes from ``write``), so the
+    one-line CLI error said only "file system"; this names the output. The caller removes its
+    partial files (staging directories, temp files) before or while the error propagates.
+    """
+    import errno as errno_mod
+
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        code = errno_mod.errorcode.get(exc.errno or 0, "")
+        if code not in _WRITE_ERRNOS:
+            raise
+        err = OutputError(fmt(f"writing {what} {path}", f"{exc.strerror or exc} ({code})",
+                              f"{_OS_FIXES.get(code, 'free disk space or write elsewhere')}; nothing half written "
+                              "was kept, run the command again"))
+        err.errno = exc.errno
+        raise err from exc

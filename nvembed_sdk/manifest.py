@@ -17,7 +17,9 @@ OUTPUT_NAME = "embeddings"
 POOL_RULE = "nv-embed-v2: zero positions [0, len(tokenize(instruction))) of the attention mask"
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def read_manifest(directory: str | Path, check_types: bool = True) -> dict[str, Any]:
+    """A bundle's manifest; with ``check_types`` (default) a field of the wrong type (``"dim":
+    "big"``) is an ArtifactError naming it, for every reader (``nvembed info`` printed it)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(fmt(str(directory), f"no {MANIFEST}", "a bundle written by nvembed-export"))
@@ -29,7 +31,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         got = data.get("format_version") if isinstance(data, dict) else type(data).__name__
         raise ArtifactError(fmt(str(path), f"format_version {got}",
                                 f"format_version {FORMAT_VERSION}; re-export with this nvembed-sdk"))
-    return data
+    return check_manifest_types(data, path) if check_types else data
 
 
 def write_manifest(directory: str | Path, data: dict[str, Any]) -> Path:
@@ -98,5 +100,6 @@ def check_manifest_types(data: dict[str, Any], where: str | Path) -> dict[str, A
         if not ok:
             name = f"{section}.{key}" if section else key
             need = getattr(tp, "__name__", str(tp)) + (f" >= {minimum}" if minimum is not None else "")
-            raise ArtifactError(fmt(f"{where} {name}", f"{value!r:.60}", f"a {need}; re-export the bundle"))
+            article = "an" if need[0] in "aeiou" else "a"
+            raise ArtifactError(fmt(f"{where} {name}", f"{value!r:.60}", f"{article} {need}; re-export the bundle"))
     return data

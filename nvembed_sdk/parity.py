@@ -225,7 +225,11 @@ def compare(
 
     ref = reference if isinstance(reference, Embedder) else Embedder.load(reference, device="cpu")
     cand = candidate if isinstance(candidate, Embedder) else Embedder.load(candidate)
-    items = list(texts) if texts is not None else default_texts("validation")
+    if isinstance(texts, str):  # list("abc") compared three one-letter texts
+        raise InputError(fmt("parity texts", "a str", "a list of texts (or None for the shipped held-out set)"))
+    from nvembed_sdk.text import check_texts
+
+    items = check_texts(texts) if texts is not None else default_texts("validation")
     # Repeated texts add nothing to a comparison, and their tied scores make top-k sets flip.
     unique = list(dict.fromkeys(items))
     dropped = len(items) - len(unique)

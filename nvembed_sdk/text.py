@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,9 @@ def check_texts(texts: object) -> list[str]:
     """Validate user input: a str or a sequence of str."""
     if isinstance(texts, str):
         return [texts]
-    if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+    # A mapping iterates its keys and bytes its ints: both were embedded as something else.
+    if isinstance(texts, Mapping | bytes | bytearray) or (not isinstance(texts, Sequence)
+                                                          and not hasattr(texts, "__iter__")):
         raise InputError(fmt("texts", type(texts).__name__, "a str or a list of str"))
     out = list(texts)  # type: ignore[call-overload]
     for i, t in enumerate(out):

@@ -164,3 +164,33 @@ def check_opset(opset: object) -> None:
     lo, hi = OPSET_RANGE
     if not isinstance(opset, int) or isinstance(opset, bool) or not lo <= opset <= hi:
         raise InputError(fmt("--opset", repr(opset), f"an ONNX opset from {lo} to {hi} (default: per precision)"))
+
+
+def check_export_sizes(max_length: object, calibration_size: object, model: object = None) -> None:
+    """Refuse ``--max-length`` / ``--calibration-size`` values an export would record or ignore.
+
+    ``--max-length -1`` was written into the manifest (a bundle that then failed to load), one
+    above the model's positions silently clamped at load, and ``--calibration-size 0`` meant the
+    default 256.
+
+    Raises:
+        InputError: a non-int, a max_length below 1 or above the checkpoint's
+            ``max_position_embeddings``, or a calibration size below the minimum.
+    """
+    from pathlib import Path
+
+    from nvembed_sdk.textsets import MIN_CALIBRATION_TEXTS
+
+    for name, value, lo in (("--max-length", max_length, 1), ("--calibration-size", calibration_size,
+                                                                 MIN_CALIBRATION_TEXTS)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise InputError(fmt(name, repr(value), f"an int >= {lo}" + (" (256 recommended)" if lo > 1 else "")))
+    if max_length is None or model is None or not (Path(str(model)) / "config.json").is_file():
+        return
+    from nvembed_sdk.config import NVEmbedConfig
+
+    positions = NVEmbedConfig.from_file(Path(str(model))).text.max_position_embeddings
+    if max_length > positions:  # type: ignore[operator]
+        raise InputError(fmt("--max-length", repr(max_length), f"at most the model's {positions} positions"))

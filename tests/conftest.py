@@ -106,3 +106,27 @@ def assert_close_cos(a, b, min_cos: float) -> None:
     assert a.shape == b.shape, (a.shape, b.shape)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= min_cos, f"min per-row cosine {cos.min():.8f} < {min_cos}"
+
+
+@pytest.fixture()
+def small_fs(tmp_path: Path):
+    """``small_fs(size, read_only=False)``: a real tmpfs of ``size`` (e.g. "400k") mounted under
+    tmp_path, unmounted at teardown. Skips where mounting is not permitted (not root, containers
+    without CAP_SYS_ADMIN): full and read-only disks cannot be faked faithfully otherwise."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}): needs root / CAP_SYS_ADMIN")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

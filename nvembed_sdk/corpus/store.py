@@ -27,7 +27,7 @@ import numpy as np
 
 from nvembed_sdk._optional import require
 from nvembed_sdk.corpus.source import Part
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, fmt, writing
 
 JOB_FILE = "_job.json"
 INDEX_FILE = "_index.json"
@@ -129,8 +129,13 @@ def write_part(out: str | Path, part: Part, ids: list[str], vectors: np.ndarray,
     table = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(info).encode()})
     final = part_path(out, part.index)
     tmp = Path(out) / STAGING / f"{final.stem}.{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)  # atomic: the part exists whole or not at all
+    with writing(final, "corpus part"):
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)  # atomic: the part exists whole or not at all
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: no half-written part left in staging
+            raise
     return final
 
 
@@ -221,8 +226,13 @@ def read_vectors(out: str | Path, allow_partial: bool = False) -> tuple[list[str
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path, "corpus file"):
+        try:
+            tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 __all__ = ["DTYPES", "INDEX_FILE", "JOB_FILE", "finalize", "open_job", "part_done", "part_path", "quantize_int8",

@@ -272,7 +272,11 @@ class TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise ArtifactError(fmt("train config", f"no file at {p}", "a .json, .yaml or .toml stage file"))
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # was a one-line error that did not name the file
+            raise ArtifactError(fmt(str(p), f"bytes that are not UTF-8 ({exc.reason} at byte {exc.start})",
+                                    "a UTF-8 JSON, YAML or TOML stage file")) from None
         try:
             if p.suffix in (".yaml", ".yml"):
                 import yaml
@@ -286,6 +290,8 @@ class TrainConfig:
                 data = json.loads(text)
         except Exception as exc:  # json/yaml/toml each raise their own error type
             raise ArtifactError(fmt(str(p), f"unreadable ({exc})", "valid JSON, YAML or TOML")) from exc
+        if not isinstance(data, dict | None):  # a JSON list or a YAML string: {**data} raised TypeError
+            raise ArtifactError(fmt(str(p), f"a {type(data).__name__}", "a mapping of settings, e.g. {\"output_dir\": ...}"))
         data = {**(data or {}), **(overrides or {})}
         return cls.from_dict(data)
 

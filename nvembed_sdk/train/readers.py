@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nvembed_sdk.embedder import query_instruction
-from nvembed_sdk.errors import ArtifactError, InputError, fmt
+from nvembed_sdk.errors import ArtifactError, InputError, fmt, writing
 from nvembed_sdk.train.settings import SYMMETRIC_TASKS, TASKS
 
 WORDNET_TASKS = {
@@ -156,14 +156,19 @@ def write_jsonl(path: str | Path, records: Iterator[dict[str, Any]] | Sequence[d
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     n = 0
-    with open(tmp, "wb") as raw:
-        fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if p.name.endswith(".gz") else raw
-        for rec in records:
-            fh.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-            n += 1
-        if fh is not raw:
-            fh.close()
-    tmp.replace(p)
+    with writing(p, "records"):  # a full disk: one line naming the file, no half-written .tmp left
+        try:
+            with open(tmp, "wb") as raw:
+                fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") if p.name.endswith(".gz") else raw
+                for rec in records:
+                    fh.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+                    n += 1
+                if fh is not raw:
+                    fh.close()
+            tmp.replace(p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return n
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvembed_sdk.checkpoint import save_model
-from nvembed_sdk.errors import ArtifactError, InputError, TrainingDiverged, fmt
+from nvembed_sdk.checkpoint import save_model, save_torch
+from nvembed_sdk.errors import ArtifactError, InputError, TrainingDiverged, fmt, writing
 from nvembed_sdk.text import TextPipeline
 from nvembed_sdk.train.config import TrainConfig
 from nvembed_sdk.train.startup import MergedView
@@ -45,13 +45,18 @@ def write_model_dir(model: nn.Module, out: Path, text: TextPipeline, cfg: TrainC
     if tmp.exists():
         shutil.rmtree(tmp)
     view = MergedView(model) if hasattr(model, "get_base_model") else model
-    save_model(view, tmp, dtype=dtype)  # type: ignore[arg-type]
-    text.save(tmp)
-    (tmp / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
-    if extra is not None:
-        torch.save(extra, tmp / STATE_FILE)
-    if run_id is not None:
-        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n", encoding="utf-8")
+    with writing(out, "checkpoint"):  # a full or read-only disk: one line, no half-written temp dir
+        try:
+            save_model(view, tmp, dtype=dtype)  # type: ignore[arg-type]
+            text.save(tmp)
+            (tmp / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+            if extra is not None:
+                save_torch(extra, tmp / STATE_FILE)  # a full disk: OSError, not torch's RuntimeError
+            if run_id is not None:
+                (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n", encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if out.exists():
         old = out.with_name(f".old-{out.name}")
         if old.exists():

@@ -71,8 +71,10 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 FRESH_PHASES = ["model-written", "validating", "validated"]
 REEXPORT_PHASES = ["model-written", "validating", "validated", "exchanged", "aside"]
-# Each phase is one more export process (10-40 s on a busy 2-core box): the rest run with -m slow.
-FAST_FRESH, FAST_REEXPORT = {"validated"}, {"validating", "exchanged"}
+# Each phase is one more export process (10-40 s on a busy 2-core box). By default a re-export is
+# killed on both sides of the manifest write (model-written, validating) and of the final swap
+# (validated, exchanged); the fallback two-rename path and the other fresh phases run with -m slow.
+FAST_FRESH, FAST_REEXPORT = {"validated"}, {"model-written", "validating", "validated", "exchanged"}
 
 
 def _tiered(phases: list[str], fast: set[str]) -> list:

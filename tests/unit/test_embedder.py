@@ -107,10 +107,11 @@ def test_threads_share_one_embedder(emb):
     def work():
         results.append(emb.embed(SAMPLE_TEXTS))
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for r in results:
-        np.testing.assert_allclose(r, ref, atol=1e-5)
+    assert len(results) == 8
+    for r in results:  # issue 13: 8 threads on one Embedder give bit-identical results; keep it so
+        assert np.array_equal(r, ref)

@@ -48,6 +48,30 @@ def test_instruction_merging_into_the_text_raises_naming_it_instead_of_nan():
     assert np.isfinite(v).all()
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda e: e.embed({"a": 1}), "texts | got dict"),  # embedded the keys
+    (lambda e: e.embed(b"abc"), "texts | got bytes"),
+    (lambda e: e.embed(["a"], normalize="no"), "normalize | got 'no'"),  # truthy: normalised silently
+    (lambda e: e.embed(["a"], batch_size=True), "batch_size | got True"),
+])
+def test_mistyped_embed_arguments_are_refused(tiny_checkpoint, call, needle):
+    with pytest.raises(InputError, match=needle.replace("|", r"\|")):
+        call(Embedder.load(tiny_checkpoint))
+
+
+@pytest.mark.parametrize("path", [None, 123])
+def test_a_path_that_is_not_a_path_is_an_input_error(path):
+    with pytest.raises(InputError, match="artifact path"):  # was TypeError from Path()
+        Embedder.load(path)
+
+
+def test_parity_refuses_a_str_of_texts(tiny_checkpoint):
+    from nvembed_sdk.parity import compare
+
+    with pytest.raises(InputError, match="parity texts"):  # compared its characters
+        compare(tiny_checkpoint, tiny_checkpoint, texts="abc")
+
+
 def test_nan_weights_raise_naming_the_texts(tiny_checkpoint_copy):
     path = tiny_checkpoint_copy / "model.safetensors"
     tensors = load_file(path)
@@ -87,6 +111,17 @@ def test_manifest_field_types_are_checked():
         check_manifest_types({**good, "model": {"dim": "big"}}, "nvembed.json")
     with pytest.raises(ArtifactError, match=r"text\.max_length \| got 0"):
         check_manifest_types({**good, "text": {"max_length": 0}}, "nvembed.json")
+
+
+def test_info_checks_manifest_field_types(tiny_checkpoint, tmp_path):
+    from nvembed_sdk.manifest import MANIFEST
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / MANIFEST).write_text(json.dumps({"format_version": 2, "kind": "onnx", "files": {"model": "model.onnx"},
+                                               "model": {"dim": "big"}}))
+    line = _one_line_error(CliRunner().invoke(main, ["info", str(bundle)]))  # printed "dim: big", exit 0
+    assert "model.dim" in line and "'big'" in line
 
 
 def test_is_mask_instruction_false_pools_the_instruction(tiny_checkpoint_copy):
@@ -212,10 +247,54 @@ def test_os_errors_are_one_line(tmp_path):
     if Path("/dev/full").exists():  # a full disk
         res = CliRunner().invoke(write, ["/dev/full"])
         assert "ENOSPC" in _one_line_error(res) and "free disk space" in res.output
-    # Read-only file systems cannot be made here (tests run as root); the mapping is checked.
+    # Real full and read-only file systems (tmpfs) are in the export, corpus and training tests; the mapping:
     msg = user_message(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"))
     assert msg is not None and msg.startswith("/mnt/ro/x | got Read-only file system (EROFS)")
     assert user_message(KeyError("a bug")) is None  # bugs keep their traceback
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_export_to_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tiny_checkpoint, small_fs):
+    full = small_fs("400k")  # the tiny bundle needs ~0.9 MB
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(full / "bundle")])
+    line = _one_line_error(res)
+    assert f"writing bundle {full / 'bundle'}" in line and "ENOSPC" in line and "free disk space" in line
+    assert _entries(full) == []  # no staging directory, no lock, no partial bundle
+    ro = small_fs("1m", read_only=True)
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(ro / "bundle")])
+    line = _one_line_error(res)
+    assert f"writing bundle {ro / 'bundle'}" in line and "EROFS" in line and "read-only" in line
+
+
+def test_export_output_under_a_regular_file_names_it(tiny_checkpoint, tmp_path):
+    regular = tmp_path / "notes.txt"
+    regular.write_text("mine")
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx",
+                                    "--output", str(regular / "sub" / "bundle")])
+    line = _one_line_error(res)
+    assert f"{regular} is a regular file" in line and "EEXIST" not in line
+    assert regular.read_text() == "mine"
+
+
+def test_corpus_part_on_a_full_disk_is_named_and_removed(small_fs):
+    pytest.importorskip("pyarrow")
+    from nvembed_sdk.corpus.source import Part
+    from nvembed_sdk.corpus.store import STAGING, write_part
+    from nvembed_sdk.errors import OutputError
+
+    out = small_fs("64k")
+    (out / STAGING).mkdir()
+    n, dim = 400, 64  # ~100 KB of float32 vectors: more than the disk holds
+    vecs = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    with pytest.raises(OutputError, match=r"writing corpus part .*part-000000.parquet .*ENOSPC") as info:
+        write_part(out, Part(0, 0, n), [str(i) for i in range(n)], vecs, np.ones(n, np.int32), "float32", {})
+    assert info.value.errno == errno.ENOSPC and user_message(info.value).startswith("writing corpus part")
+    assert _entries(out) == [STAGING]  # the half-written part is gone; no part file appeared
 
 
 def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch):
@@ -263,6 +342,26 @@ def test_export_refuses_a_bad_opset_before_any_work(tiny_checkpoint, tmp_path):
                                     "--output", str(tmp_path / "out")])
     assert "--opset | got 99" in _one_line_error(res)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-length", "-1"], "--max-length | got -1. Note: an int >= 1"),  # was recorded; the bundle then failed to load
+    (["--max-length", "100000"], "at most the model's 512 positions"),  # was clamped at load without a word
+    (["--precision", "int8", "--calibration-size", "0"], "--calibration-size | got 0"),  # was the default 256
+    (["--precision", "int8", "--calibration-size", "3"], "an int >= 16"),
+])
+def test_export_refuses_sizes_it_would_record_or_ignore(tiny_checkpoint, tmp_path, args, needle):
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--to", "onnx", *args,
+                                    "--output", str(tmp_path / "out")])
+    assert needle in _one_line_error(res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_api_refuses_a_mistyped_calibration_size(tiny_checkpoint, tmp_path):
+    from nvembed_sdk.exporters.pipeline import export
+
+    with pytest.raises(InputError, match="--calibration-size | got 'x'"):  # was int('x'): ValueError
+        export(tiny_checkpoint, tmp_path / "out", precision="int8", calibration_size="x")
 
 
 @pytest.mark.parametrize("command", ["info", "embed", "export", "parity", "bench", "train", "mine", "eval",

@@ -131,3 +131,104 @@ def test_bad_train_settings_name_the_field(key, value, needle):
         TrainConfig.from_dict({**base, key: value})
     assert needle in str(err.value)
     assert TrainConfig.from_dict({**base, "lr": 1e6}).lr == 1e6  # allowed: the non-finite guard stops it
+
+
+@pytest.mark.parametrize("size", ["1200k", "2500k"])  # full during the first checkpoint / a later one
+def test_full_disk_during_a_checkpoint_is_one_error_and_leaves_no_partial_checkpoint(tmp_path, pairs,
+                                                                                       tiny_tokenizer_dir, small_fs,
+                                                                                       size):
+    import errno
+
+    from nvembed_sdk.errors import OutputError
+    from nvembed_sdk.train.loop import load_state
+
+    out = small_fs(size) / "run"
+    with pytest.raises(OutputError, match=r"writing checkpoint .*step-\d+ \| got .*\(ENOSPC\)") as info:
+        train(_cfg(out, pairs, tiny_tokenizer_dir, max_steps=4), log=lambda s: None)
+    assert info.value.errno == errno.ENOSPC
+    ckpts = out / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == []  # no half-written temp dir
+    for c in checkpoint_dirs(out):  # what is there is whole: a later --resume starts from it
+        assert load_state(c)["step"] == int(c.name.split("-")[1]) and _finite(c)
+
+
+@pytest.mark.parametrize("content, needle", [(b"\xff\xfe{}", "not UTF-8"), (b"[1, 2]", "got a list"),
+                                             (b'"lr"', "got a str")])
+def test_unreadable_train_config_names_the_file(tmp_path, content, needle):
+    path = tmp_path / "stage.json"
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=needle) as info:
+        TrainConfig.from_file(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_records_on_a_full_disk_name_the_file_and_leave_no_temp(small_fs):
+    from nvembed_sdk.errors import OutputError
+
+    out = small_fs("8k") / "mined.jsonl"
+    recs = ({"query": f"q{i}", "positive": "p" * 100} for i in range(400))  # ~50 KB
+    with pytest.raises(OutputError, match=rf"writing records {out} \| got .*ENOSPC"):  # was "file system"
+        write_jsonl(out, recs)
+    assert list(out.parent.iterdir()) == []  # no mined.jsonl.tmp
+
+
+# ---- SIGKILL during a checkpoint (a real `nvembed train` process) -------------------------------
+
+KILL_DRIVER = Path(__file__).with_name("train_kill_driver.py")
+
+
+def _kill_during_checkpoint(phase: str, nth: int, config: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-P", str(KILL_DRIVER), phase, str(nth), "train", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the process stops itself (or exits)
+    if not os.WIFSTOPPED(status):
+        pytest.fail(f"training exited before checkpoint {nth} ({phase}): {proc.stdout.read() if proc.stdout else ''}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _nvembed(*args: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    exe = P(sys.executable).with_name("nvembed")
+    res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, pairs, tiny_tokenizer_dir) -> dict[str, torch.Tensor]:
+    """The final weights of a 5-step `nvembed train` run that nothing interrupted."""
+    root = tmp_path_factory.mktemp("whole")
+    config = root / "stage.json"
+    config.write_text(_cfg(root / "run", pairs, tiny_tokenizer_dir, max_steps=5, keep_checkpoints=2).to_json())
+    _nvembed("train", str(config))
+    return load_file(str(root / "run" / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("phase", ["state", "renamed"])
+def test_sigkill_during_a_checkpoint_resumes_to_the_same_weights(phase, uninterrupted, tmp_path, pairs,
+                                                                 tiny_tokenizer_dir):
+    """SIGKILL a real `nvembed train` inside its 3rd checkpoint write, then `--resume`: the run ends
+    with bit-identical weights to the uninterrupted one."""
+    config = tmp_path / "stage.json"
+    config.write_text(_cfg(tmp_path / "run", pairs, tiny_tokenizer_dir, max_steps=5, keep_checkpoints=2).to_json())
+    _kill_during_checkpoint(phase, 3, config)
+    done = [c.name for c in checkpoint_dirs(tmp_path / "run")]
+    # state: step 3 was never renamed into place; renamed: it was, before the oldest was pruned.
+    assert done == (["step-000001", "step-000002"] if phase == "state" else
+                    ["step-000001", "step-000002", "step-000003"]), done
+    _nvembed("train", str(config), "--resume")
+    resumed = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k  # bit-exact, not merely close
+    assert [c.name for c in checkpoint_dirs(tmp_path / "run")] == ["step-000004", "step-000005"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")] == []
