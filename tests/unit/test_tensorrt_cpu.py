@@ -80,10 +80,8 @@ def engine_bundle(tmp_path: Path, tiny_tokenizer_dir: Path) -> Path:
 
 
 def test_orin_fp8_fails_naming_int8_and_fp16():
-    t0 = time.perf_counter()
     with pytest.raises(InputError) as err:
         check_target("jetson-orin", "fp8")
-    assert time.perf_counter() - t0 < 0.1
     msg = str(err.value)
     assert "INT8" in msg and "FP16" in msg and "8.7" in msg
     assert "\n" not in msg and " | " in msg and "Note:" in msg
@@ -199,10 +197,8 @@ def test_plan_precision_rejects(requested, onnx, major, typed, match):
 
 @no_trt
 def test_build_fails_fast_without_tensorrt(onnx_bundle, tmp_path):
-    t0 = time.perf_counter()
     with pytest.raises(BackendUnavailableError) as err:
         build_engine(onnx_bundle, tmp_path / "out", precision="fp16")
-    assert time.perf_counter() - t0 < 10
     msg = str(err.value)
     assert msg.startswith("tensorrt | is not installed")
     assert "pip install -e '.[tensorrt]'" in msg and "JetPack" in msg and "\n" not in msg
@@ -332,7 +328,9 @@ def _run_cli(args: list[str]) -> tuple[int, str, float]:
 def test_cli_tensorrt_fails_fast(tiny_checkpoint, tmp_path):
     rc, out, seconds = _run_cli(["--model", str(tiny_checkpoint), "--to", "tensorrt", "--precision", "fp16",
                                  "--output", str(tmp_path / "out")])
-    assert rc != 0 and seconds < 10, (rc, seconds, out)
+    assert rc != 0, (rc, out)
+    assert not (tmp_path / "out").exists()  # refused before any export work
+    print(f"refused in {seconds:.2f} s")  # a figure for the report, not asserted (no timed tests)
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and "tensorrt" in lines[0] and "pip install -e '.[tensorrt]'" in lines[0], out
 
@@ -340,7 +338,9 @@ def test_cli_tensorrt_fails_fast(tiny_checkpoint, tmp_path):
 def test_cli_orin_fp8_fails_naming_int8_and_fp16(tiny_checkpoint, tmp_path):
     rc, out, seconds = _run_cli(["--model", str(tiny_checkpoint), "--to", "tensorrt", "--precision", "fp8",
                                  "--target", "jetson-orin", "--output", str(tmp_path / "out")])
-    assert rc != 0 and seconds < 10, (rc, seconds, out)
+    assert rc != 0, (rc, out)
+    assert not (tmp_path / "out").exists()  # refused before any export work
+    print(f"refused in {seconds:.2f} s")
     assert "INT8" in out and "FP16" in out
 
 
