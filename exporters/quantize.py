@@ -406,6 +406,7 @@ def export_quantized(
         "activations": "per-tensor static",
         "simulated_min_cosine": state["simulated"],
         **({"smoothing": state["smoothing"]} if state.get("smoothing") else {}),
+        **({"o_proj_range": state["o_proj_range"]} if state.get("o_proj_range") else {}),
         **({"fallback": state["fallback"]} if state.get("fallback") else {}),
         **summary,
     }
@@ -455,6 +456,24 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
                                          "(q/k/v: attention RMSNorm weight; gate/up: MLP RMSNorm weight; o: v_proj "
                                          "rows, one scale per K/V head and dim; down: up_proj rows)",
                                          "alpha_grid": list(sm.ALPHAS), "per_layer": smoothing} if smoothing else {}}
+    if simulated < target:
+        # Unseen text can push the attention output past its calibrated range (clipped), never
+        # past the V range: widen the o_proj ranges towards that bound as far as held-out text gains.
+        bounds = sm.o_input_bounds(torch_model, stats)
+        tried = {r: sm.min_cosine(sm.simulate(torch_model, probe, sm.widen_o_ranges(amax, bounds, r), precision),
+                                  reference) for r in sm.O_HEADROOM}
+        best = max(tried, key=lambda r: tried[r])
+        chosen = best if tried[best] > simulated else None
+        if chosen is not None:
+            log.info("o_proj ranges widened (headroom %.2f towards the V bound): simulated min cosine %.4f -> %.4f",
+                     chosen, simulated, tried[chosen])
+            amax, simulated = sm.widen_o_ranges(amax, bounds, chosen), tried[chosen]
+            out.update(amax=amax, simulated=round(simulated, 5))
+            quantised = sm.simulate(torch_model, probe, amax, precision)
+        out["o_proj_range"] = {"rule": "calibrated absmax * (V-range bound / calibrated absmax) ** headroom, the "
+                               "headroom chosen by the held-out simulated min cosine", "headroom": chosen,
+                               "tried": {str(r): round(c, 5) for r, c in tried.items()},
+                               "bound": {k: round(v, 5) for k, v in bounds.items()}}
     if simulated < target:
         # Rank on the batches holding the worst rows: the min cosine is decided there (and it is cheap).
         cos = torch.nn.functional.cosine_similarity(quantised.double(), reference.double(), dim=-1)
