@@ -492,6 +492,7 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
                 log.warning("fallback: keeping %s in high precision (simulated min cosine %.4f)", ", ".join(keep), cos)
                 out.update(keep=keep, simulated=round(cos, 5))
             out["fallback"] = {"kept_high_precision": keep, "dtype": "high precision (fp16 / fp32 base)",
+                               "simulated_min_cosine_all_quantized": round(simulated, 5),
                                "simulated_min_cosine": round(cos, 5), "target": round(target, 5),
                                "sensitivity": ranking[:10]}
     out["weights"] = [lin.weight.detach().clone() for _, lin in sm.projections(torch_model)]

@@ -181,4 +181,9 @@ def test_tensorrt_graph_audit_shipped_model(precision, tmp_path):
     if not (SHIPPED / "model.safetensors").is_file():
         pytest.skip(f"{SHIPPED} has no weights")
     out = export(SHIPPED, tmp_path / precision, to="onnx", precision=precision, runtime="tensorrt")
-    assert_tensorrt_graph(out, precision)
+    audit = assert_tensorrt_graph(out, precision)
+    m = read_manifest(out)
+    print(f"\n{precision}: decoder GEMM MACs {audit['decoder_gemm_macs']}, min cosine {m['validation']['min_cosine']}, "
+          f"top-10 {m['validation']['topk_agreement']}, kept "
+          f"{m['quantization'].get('fallback', {}).get('kept_high_precision', [])}, "
+          f"o_proj headroom {m['quantization'].get('o_proj_range', {}).get('headroom')}")
