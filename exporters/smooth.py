@@ -23,7 +23,8 @@ Three steps, all on the fp32 ``NVEmbedModel`` and the calibration batches:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 QMAX = {"int8": 127.0, "fp8": 448.0}
 SAMPLE_ROWS = 1024
 O_HEADROOM = (0.25, 0.5, 0.75, 1.0)  # candidates for widen_o_ranges, chosen on held-out text
+# E4M3 keeps 3 mantissa bits from 2^-6 to 448 times the scale, so a 2x wider range than calibrated
+# costs the small values nothing measurable while unseen text no longer clips Q/K/V.
+FP8_ATTENTION_HEADROOM = 2.0
 
 
 def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -51,10 +55,14 @@ def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
-def _forward(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
+def _forward(model: nn.Module, batches: Sequence[Batch], desc: str | None = None) -> torch.Tensor:
+    """Embeddings of ``batches``; with ``desc``, a progress bar (lines when not on a terminal) over them."""
+    from nvembed_sdk.progress import progress
+
+    items = progress(batches, desc) if desc else batches
     with torch.no_grad():
         return torch.cat([model(*(torch.from_numpy(v) for v in (b.input_ids, b.attention_mask, b.pool_mask)))
-                          for b in batches])
+                          for b in items])
 
 
 @dataclass
@@ -99,7 +107,7 @@ def collect_stats(model: nn.Module, batches: Sequence[Batch], sample_rows: int =
                          (f"{i}.gate_up", layer.mlp.gate_proj), (f"{i}.down", layer.mlp.down_proj)):
             handles.append(mod.register_forward_pre_hook(hook(key)))
     try:
-        _forward(model, batches)
+        _forward(model, batches, desc="calibrate")
     finally:
         for h in handles:
             h.remove()
@@ -253,9 +261,57 @@ def widen_o_ranges(amax: dict[str, float], bounds: dict[str, float], r: float) -
     return out
 
 
+@contextmanager
+def _bmm_hooks(model: nn.Module, make: Callable[[int], Any]) -> Iterator[None]:
+    """Every layer on the explicit attention path with ``bmm_quant = make(layer)`` (restored after)."""
+    attns = [layer.attn for layer in model.decoder.layers]
+    saved = [(a.explicit_attention, a.bmm_quant) for a in attns]
+    try:
+        for i, a in enumerate(attns):
+            a.explicit_attention, a.bmm_quant = True, make(i)
+        yield
+    finally:
+        for a, (explicit, hook) in zip(attns, saved, strict=True):
+            a.explicit_attention, a.bmm_quant = explicit, hook
+
+
+def attention_amax(model: nn.Module, batches: Sequence[Batch]) -> list[dict[str, float]]:
+    """Per layer, the per-tensor ranges of the attention BMM operands for FP8 Q/DQ.
+
+    ``q``/``k`` (after RoPE) and ``v``: calibrated absmax times ``FP8_ATTENTION_HEADROOM``;
+    ``p`` (softmax output): 1, its bound; ``out`` (P @ V, the attention output): the V range,
+    its bound (a convex combination of V rows).
+    """
+    seen = [dict.fromkeys(("q", "k", "v"), 0.0) for _ in model.decoder.layers]
+
+    def make(i: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        def fn(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name in seen[i]:
+                seen[i][name] = max(seen[i][name], float(t.detach().abs().max()))
+            return t
+        return fn
+
+    with _bmm_hooks(model, make):
+        _forward(model, batches)
+    h = FP8_ATTENTION_HEADROOM
+    return [{"q": r["q"] * h, "k": r["k"] * h, "v": r["v"] * h, "p": 1.0, "out": r["v"] * h} for r in seen]
+
+
 def simulate(model: nn.Module, batches: Sequence[Batch], amax: dict[str, float], precision: str,
-             keep: set[str] | frozenset[str] = frozenset()) -> torch.Tensor:
-    """Embeddings with every projection not in ``keep`` fake-quantised (weights and input)."""
+             keep: set[str] | frozenset[str] = frozenset(),
+             attention: Sequence[dict[str, float]] | None = None) -> torch.Tensor:
+    """Embeddings with every projection not in ``keep`` fake-quantised (weights and input).
+
+    ``attention`` (from :func:`attention_amax`): the attention BMM operands fake-quantised to FP8 too.
+    """
+    if attention is not None:
+        def make(i: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+            def fn(name: str, t: torch.Tensor) -> torch.Tensor:
+                return fake_quant(t, torch.tensor(act_scale(attention[i][name], "fp8")), "fp8")
+            return fn
+
+        with _bmm_hooks(model, make):
+            return simulate(model, batches, amax, precision, keep)
     saved, handles = {}, []
     try:
         for name, lin in projections(model):

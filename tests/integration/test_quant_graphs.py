@@ -187,3 +187,79 @@ def test_tensorrt_graph_audit_shipped_model(precision, tmp_path):
           f"top-10 {m['validation']['topk_agreement']}, kept "
           f"{m['quantization'].get('fallback', {}).get('kept_high_precision', [])}, "
           f"o_proj headroom {m['quantization'].get('o_proj_range', {}).get('headroom')}")
+
+
+def _fp8_mha_pattern(bundle: Path) -> int:
+    """Layers in TensorRT's FP8 attention layout: Q/DQ -> BMM1 (both inputs) ... Softmax -> (Cast) ->
+    Q/DQ -> BMM2 (P and V) -> Q/DQ, every Q/DQ per-tensor with an E4M3 zero point."""
+    from nvembed_sdk.exporters.qdq import attention_bmms
+
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    n = 0
+    for bmm1, _sm, bmm2 in attention_bmms(graph):
+        for name in [*bmm1.input, *bmm2.input]:
+            dq = producer[name]
+            assert dq.op_type == "DequantizeLinear" and producer[dq.input[0]].op_type == "QuantizeLinear", name
+            assert list(inits[dq.input[1]].dims) == [], name  # per-tensor scale
+            assert inits[dq.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN
+        after = [c for c in graph.node if bmm2.output[0] in c.input]
+        assert [c.op_type for c in after] == ["QuantizeLinear"]
+        n += 1
+    return n
+
+
+def test_fp8_attention_forced_on(tiny_checkpoint, tmp_path):
+    out = export(tiny_checkpoint, tmp_path / "fp8a", to="onnx", precision="fp8", runtime="tensorrt",
+                 calibration_size=64, fp8_attention=True)
+    m = read_manifest(out)
+    att = m["quantization"]["attention"]
+    assert att["bmm_dtype"] == "fp8" and att["reason"].startswith("forced")
+    assert att["measured_min_cosine"] >= att["target"] >= 0.99  # the graph itself, in ONNX Runtime, vs fp32
+    assert all(r["p"] == 1.0 for r in att["ranges"])  # the softmax output's bound, not a calibrated maximum
+    assert _fp8_mha_pattern(out) == m["model"]["num_hidden_layers"]
+    audit = assert_tensorrt_graph(out, "fp8")
+    assert audit["attention_bmm_macs"] == {"fp8": 1.0}
+    ref = Embedder.load(tiny_checkpoint, device="cpu").embed(SAMPLE_TEXTS)
+    assert_close_cos(Embedder.load(out, device="cpu").embed(SAMPLE_TEXTS), ref, 0.99)
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "attention BMMs: fp8 (forced" in res.output and "attention BMM MACs by dtype: fp8 100.0%" in res.output
+
+
+def test_fp8_attention_default_decides_by_budget(trt_bundles):
+    """Default (None): on exactly when the graph with FP8 BMMs, run on held-out text, meets the target."""
+    m = read_manifest(trt_bundles["fp8"])
+    att = m["quantization"]["attention"]
+    on = att["measured_min_cosine"] >= att["target"]
+    assert att["bmm_dtype"] == ("fp8" if on else "fp16")
+    assert m["graph"]["attention_bmm_macs"] == ({"fp8": 1.0} if on else {"fp16": 1.0})
+    assert read_manifest(trt_bundles["int8"])["quantization"]["attention"]["bmm_dtype"] == "fp16"
+
+
+def test_fp8_attention_over_budget(tiny_checkpoint, tmp_path, monkeypatch):
+    """A target FP8 attention cannot meet (0.99999): the default leaves the BMMs fp16 and says why;
+    --fp8-attention fails with one line naming the fix, and leaves nothing at the target."""
+    from nvembed_sdk.errors import InputError
+    from nvembed_sdk.exporters import quantize
+
+    monkeypatch.setattr(quantize, "FP8_ATTENTION_MARGIN", 0.00999)
+    with pytest.raises(InputError, match=r"--fp8-attention: min cosine .* below 0\.9999.*drop --fp8-attention"):
+        export(tiny_checkpoint, tmp_path / "forced", to="onnx", precision="fp8", runtime="tensorrt",
+               calibration_size=64, fp8_attention=True)
+    assert not (tmp_path / "forced").exists()
+    out = export(tiny_checkpoint, tmp_path / "auto", to="onnx", precision="fp8", runtime="tensorrt",
+                 calibration_size=64)
+    att = read_manifest(out)["quantization"]["attention"]
+    assert att["bmm_dtype"] == "fp16" and att["reason"] == "over budget on held-out calibration text"
+    assert att["measured_min_cosine"] < att["target"]
+    assert read_manifest(out)["graph"]["attention_bmm_macs"] == {"fp16": 1.0}
+
+
+@pytest.mark.parametrize("precision, runtime", [("int8", "tensorrt"), ("int8", "onnxruntime")])
+def test_fp8_attention_refused_elsewhere(tiny_checkpoint, tmp_path, precision, runtime):
+    from nvembed_sdk.errors import InputError
+
+    with pytest.raises(InputError, match="--fp8-attention.*--runtime tensorrt"):
+        export(tiny_checkpoint, tmp_path / "x", to="onnx", precision=precision, runtime=runtime, fp8_attention=True)
