@@ -6,7 +6,8 @@ every intermediate tensor as an output, so shapes and dtypes are the real ones, 
 * ``macs``: share of multiply-accumulates per compute dtype. A MatMul fed by two
   DequantizeLinear nodes computes in the quantised type (int8 / fp8, what TensorRT fuses it
   into), otherwise in its input dtype. The head (``nvembed::LatentAttentionPool``) is counted
-  from its weight shapes in the head's GEMM dtype.
+  from its weight shapes in the head's GEMM dtype. ``decoder_gemm_macs`` and
+  ``attention_bmm_macs`` split the decoder's MatMuls into weight GEMMs and attention BMMs.
 * ``activation_bytes``: share of bytes of the float activation tensors per dtype (quantised
   tensors count as int8 / fp8).
 * ``fp32_outside_islands``: float32 activations not produced inside an fp32 island (RMSNorm,
@@ -58,7 +59,8 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
 
     Returns:
         ``{"probe": "1x128", "macs": {dtype: share}, "activation_bytes": {dtype: share},
-        "decoder_gemm_macs": {dtype: share}, "fp32_outside_islands": [...]}``.
+        "decoder_gemm_macs": {dtype: share}, "attention_bmm_macs": {dtype: share},
+        "fp32_outside_islands": [...]}``.
     """
     onnx = require("onnx")
     ort = require("onnxruntime")
@@ -103,6 +105,7 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
 
     macs: dict[str, float] = defaultdict(float)
     gemm: dict[str, float] = defaultdict(float)
+    bmm: dict[str, float] = defaultdict(float)
     for n in proto.graph.node:
         if n.op_type == "MatMul":
             a = shapes.get(n.input[0])
@@ -115,6 +118,8 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
             macs[dtype] += count
             if n.input[1] in inits or (producer.get(n.input[1]) and producer[n.input[1]].input[0] in inits):
                 gemm[dtype] += count
+            else:  # activation x activation: the attention BMMs (Q K^T, P V)
+                bmm[dtype] += count
         elif n.domain == "nvembed":
             w = {i: shapes[name] for i, name in enumerate(n.input) if name in shapes}
             w_qk = next(t for t in proto.graph.initializer if t.name == n.input[4])
@@ -140,7 +145,7 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
         return {k: round(v / total, 4) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
 
     return {"probe": f"1x{seq}", "macs": share(macs), "activation_bytes": share(act),
-            "decoder_gemm_macs": share(gemm), "fp32_outside_islands": outside}
+            "decoder_gemm_macs": share(gemm), "attention_bmm_macs": share(bmm), "fp32_outside_islands": outside}
 
 
 def format_shares(shares: dict[str, float]) -> str:

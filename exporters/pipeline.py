@@ -15,6 +15,7 @@ Bundle writing stays in steps 3 and 4 so staging and overwrite rules have one pl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,8 +129,13 @@ def export(
     if Path(output).resolve() == Path(model).resolve():
         raise InputError(fmt("--output", str(output), "a directory other than the --model it is exported from"))
     check_target(output, overwrite)  # a foreign or existing target is refused before any slow work
+    from nvembed_sdk.progress import Phases
+
     if to == "onnx":
-        with staged_output(output, overwrite=overwrite) as stage:  # renamed into place when complete and validated
+        quantised = plan.onnx_precision in QDQ_PRECISIONS  # export_quantized prints its own phases
+        with staged_output(output, overwrite=overwrite) as stage, (
+                contextlib.nullcontext() if quantised else
+                Phases(f"export {precision}", total=1).phase("trace to ONNX" + (" and validate" if validate else ""))):
             write_onnx_bundle(model, stage, plan, max_length=max_length, validate=validate,
                               calibration=calibration, calibration_size=calibration_size, force=force,
                               fallback=fallback, fp8_attention=fp8_attention)
@@ -141,15 +147,18 @@ def export(
     plan = make_plan(to, precision, target=target, trt_major=env.trt_major, strongly_typed=strongly_typed,
                      opset=opset or (None if source else env.target.opset_for(precision)), source=source)
     with staged_output(output, overwrite=overwrite) as stage:  # onnx/ + engine.plan move in together
+        phases = Phases(f"export tensorrt {precision}", total=1 if source is not None else 2)
         if source is not None:
             onnx_dir = Path(model)
         else:
-            onnx_dir = write_onnx_bundle(model, stage / "onnx", plan, max_length=max_length, validate=validate,
-                                         calibration=calibration, calibration_size=calibration_size, force=force,
-                                         fallback=fallback, fp8_attention=fp8_attention)
-        write_engine_bundle(onnx_dir, stage, precision=precision, target=target, profiles=profiles,
-                            workspace_gb=workspace_gb, opt_level=opt_level, timing_cache=timing_cache,
-                            strongly_typed=strongly_typed, device=device, verbose=verbose)
+            with phases.phase(f"ONNX bundle ({plan.onnx_precision})"):
+                onnx_dir = write_onnx_bundle(model, stage / "onnx", plan, max_length=max_length, validate=validate,
+                                             calibration=calibration, calibration_size=calibration_size, force=force,
+                                             fallback=fallback, fp8_attention=fp8_attention)
+        with phases.phase("TensorRT engine build"):
+            write_engine_bundle(onnx_dir, stage, precision=precision, target=target, profiles=profiles,
+                                workspace_gb=workspace_gb, opt_level=opt_level, timing_cache=timing_cache,
+                                strongly_typed=strongly_typed, device=device, verbose=verbose)
     return Path(output)
 
 

@@ -128,3 +128,104 @@ def insert_qdq(proto: Any, names: Sequence[str], weights: Sequence[torch.Tensor]
         "qdq_pairs": sum(1 for n in graph.node if n.op_type == "QuantizeLinear"),
         "zero_point_types": [ZP_TYPES[precision]],
     }
+
+
+_SCORE_CHAIN = ("Add", "Mul", "Div", "Cast")  # between BMM1 and Softmax: scale, mask add, fp32 casts
+
+
+def attention_bmms(graph: Any) -> list[tuple[Any, Any, Any]]:
+    """(BMM1, Softmax, BMM2) of each decoder layer, in graph order.
+
+    The explicit attention path exports as ``MatMul(q, k^T) -> Cast fp32 -> Mul scale -> Add
+    mask -> Softmax -> Cast fp16 -> MatMul(p, v)``; BMM1 is found by following input 0 up
+    through the score chain, BMM2 as the MatMul reading the (cast) softmax output as input 0.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for sm in (n for n in graph.node if n.op_type == "Softmax"):
+        node = producer.get(sm.input[0])
+        while node is not None and node.op_type in _SCORE_CHAIN:
+            node = producer.get(node.input[0])
+        bmm1 = node if node is not None and node.op_type == "MatMul" else None
+        out, bmm2 = sm.output[0], None
+        for _ in range(4):  # through the fp16 Cast (and, once inserted, the softmax output's Q/DQ)
+            nxt = consumers.get(out, [])
+            if len(nxt) != 1:
+                break
+            if nxt[0].op_type == "MatMul" and nxt[0].input[0] == out:
+                bmm2 = nxt[0]
+                break
+            if nxt[0].op_type not in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+                break
+            out = nxt[0].output[0]
+        if bmm1 is None or bmm2 is None:
+            raise ArtifactError(fmt(f"Softmax {sm.name}", "not between two MatMuls",
+                                    "the explicit attention path (MatMul -> Softmax -> MatMul)"))
+        found.append((bmm1, sm, bmm2))
+    return found
+
+
+def insert_attention_qdq(proto: Any, amax: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """FP8 Q/DQ on the attention BMMs of an fp16 graph, in place, in TensorRT's FP8 MHA layout.
+
+    The fused FP8 attention (fMHA v2) TensorRT and ModelOpt match is
+    ``Q -> DQ -> BMM1 -> (Mul) -> (Add) -> Softmax -> (Cast) -> Q -> DQ -> BMM2 -> Q -> DQ``
+    with both BMM1 inputs (Q, K^T) and BMM2's V input quantised; all scales per-tensor (fp16
+    scalars, FLOAT8E4M3FN zero points). The scores and softmax stay fp32 in between.
+
+    Args:
+        proto: the fp16 ``onnx.ModelProto`` (decoder Softmaxes in layer order).
+        amax: per layer ``{"q", "k", "v", "p", "out"}`` ranges (``smooth.attention_amax``).
+
+    Returns:
+        ``{"layers": n, "qdq_pairs": added}``.
+    """
+    from onnx import helper
+
+    graph = proto.graph
+    trios = attention_bmms(graph)
+    if len(trios) != len(amax):
+        raise ArtifactError(fmt("fp16 graph", f"{len(trios)} attention Softmaxes", f"{len(amax)} decoder layers"))
+    before: dict[str, list[Any]] = {}
+    after: dict[str, list[Any]] = {}
+    added = 0
+
+    def qdq(layer: int, what: str, src: str, dst: str, node: str) -> list[Any]:
+        tag = f"attn{layer}.{what}"
+        s = np.float16(max(amax[layer][what], 1e-8) / QMAX["fp8"])
+        graph.initializer.extend([_tensor(f"{tag}_scale", np.array(s, dtype=np.float16)),
+                                  _tensor(f"{tag}_zp", torch.zeros(()), "fp8")])
+        return [helper.make_node("QuantizeLinear", [src, f"{tag}_scale", f"{tag}_zp"], [f"{dst}_q"],
+                                 name=f"{node}_{what}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{dst}_q", f"{tag}_scale", f"{tag}_zp"], [dst],
+                                 name=f"{node}_{what}_DequantizeLinear")]
+
+    for layer, (bmm1, _sm, bmm2) in enumerate(trios):
+        nodes = []
+        for idx, what in ((0, "q"), (1, "k")):
+            src = bmm1.input[idx]
+            nodes += qdq(layer, what, src, f"{src}_fp8dq", bmm1.name)
+            bmm1.input[idx] = f"{src}_fp8dq"
+        before[bmm1.name] = nodes
+        nodes = []
+        for idx, what in ((0, "p"), (1, "v")):
+            src = bmm2.input[idx]
+            nodes += qdq(layer, what, src, f"{src}_fp8dq", bmm2.name)
+            bmm2.input[idx] = f"{src}_fp8dq"
+        before[bmm2.name] = nodes
+        out = bmm2.output[0]
+        bmm2.output[0] = f"{out}_fp8pre"
+        after[bmm2.name] = qdq(layer, "out", f"{out}_fp8pre", out, bmm2.name)
+        added += 5
+    ordered = []
+    for n in graph.node:
+        ordered += before.get(n.name, [])
+        ordered.append(n)
+        ordered += after.get(n.name, [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return {"layers": len(trios), "qdq_pairs": added}

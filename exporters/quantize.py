@@ -43,6 +43,7 @@ from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import read_manifest, write_manifest
+from nvembed_sdk.progress import Phases
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
 
@@ -55,6 +56,10 @@ CALIBRATION_MAX_LENGTH = 512
 QUANTIZED_OP_TYPES = ["MatMul", "Gemm"]
 HEAD_NODE_PATTERN = r".*nvembed_head.*"
 SMOOTH_ALPHA = 0.5
+# FP8 attention BMMs stay on when the real graph (ONNX Runtime) on held-out calibration text is
+# this far above the budget: the validation texts are other texts (their min spread ~0.002 here).
+FP8_ATTENTION_MARGIN = 0.003
+FP8_MHA_HEAD_DIMS = (8, 256)  # head sizes TensorRT's FP8 fMHA kernels take: (8, 256] (ModelOpt's rule)
 
 
 def calibration_batches(
@@ -325,8 +330,10 @@ def export_quantized(
         runtime: ``onnxruntime`` or ``tensorrt``. Defaults to the plan's (int8: onnxruntime, fp8: tensorrt).
         fallback: keep the costliest projections in high precision when the budget is missed.
             Defaults to True.
-        fp8_attention: reserved for FP8 Q/DQ on the attention BMMs; True is refused (not built yet).
-            Defaults to None (attention BMMs stay fp16).
+        fp8_attention: fp8 for TensorRT: FP8 Q/DQ on the attention BMMs (Q, K, softmax output,
+            V), in TensorRT's FP8 attention layout. None: on when the held-out simulation against
+            fp32 stays within budget; True: on, refused (InputError) over budget or for other
+            precisions/runtimes; False: off. Defaults to None.
 
     Returns:
         The bundle directory.
@@ -344,9 +351,16 @@ def export_quantized(
     if precision not in QUANT_PRECISIONS:
         raise InputError(fmt("precision", repr(precision), f"one of {QUANT_PRECISIONS}"))
     plan = make_plan("onnx", precision, runtime=runtime, opset=opset)
+    if fp8_attention and (precision != "fp8" or plan.runtime != "tensorrt"):
+        raise InputError(fmt("--fp8-attention", f"--precision {precision} --runtime {plan.runtime}",
+                             "FP8 attention BMMs are for --precision fp8 graphs for TensorRT (--runtime tensorrt)"))
     if fp8_attention:
-        raise InputError(fmt("--fp8-attention", "requested", "FP8 Q/DQ on the attention BMMs is not built yet in "
-                             "this SDK; drop the option (attention BMMs run fp16 around fp32 softmax)"))
+        head_dim = NVEmbedConfig.from_file(model).text.head_dim
+        if not FP8_MHA_HEAD_DIMS[0] < head_dim <= FP8_MHA_HEAD_DIMS[1]:
+            raise InputError(fmt("--fp8-attention", f"head dim {head_dim}",
+                                 f"TensorRT's FP8 attention fusion needs a head dim in ({FP8_MHA_HEAD_DIMS[0]}, "
+                                 f"{FP8_MHA_HEAD_DIMS[1]}]; drop --fp8-attention"))
+    attention = fp8_attention if (precision == "fp8" and plan.runtime == "tensorrt") else False
     require("onnxruntime")
     if plan.runtime == "onnxruntime":
         require("modelopt")
@@ -370,28 +384,32 @@ def export_quantized(
     short_batches = calibration_batches(pipe, shorts[32:], max_length=16)  # held out: probed only
 
     def prepare(torch_model: Any) -> None:  # on the loaded fp32 model, before tracing
-        state.update(_prepare(torch_model, batches, precision, budget + SIMULATED_MARGIN, fallback, short_batches))
+        state.update(_prepare(torch_model, batches, precision, budget + SIMULATED_MARGIN, fallback, short_batches,
+                              attention))
 
+    phases = Phases(f"export {precision}", total=4 if validate else 3)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        base = export_onnx(model, Path(tmp) / "base", precision=plan.base_dtype, opset=opset, validate=False,
-                           max_length=max_length, warn_unvalidated=False,  # validated after quantisation
-                           transform=prepare)
+        with phases.phase(f"calibrate on {len(batches)} batches, smooth, simulate, trace the {plan.base_dtype} graph"):
+            base = export_onnx(model, Path(tmp) / "base", precision=plan.base_dtype, opset=opset, validate=False,
+                               max_length=max_length, warn_unvalidated=False,  # validated after quantisation
+                               transform=prepare)
         manifest = read_manifest(base)
         q_path = Path(tmp) / "model.onnx"
         keep = set(state["keep"])
-        if plan.runtime == "onnxruntime":
-            onnx = require("onnx")
-            from nvembed_sdk.exporters.qdq import weight_matmuls
+        with phases.phase("ModelOpt PTQ (Q/DQ)" if plan.runtime == "onnxruntime" else "insert Q/DQ"):
+            if plan.runtime == "onnxruntime":
+                onnx = require("onnx")
+                from nvembed_sdk.exporters.qdq import weight_matmuls
 
-            graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
-            exclude = [f"^{n.name}$" for n, name in zip(weight_matmuls(graph), state["names"], strict=True)
-                       if name in keep]
-            summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method,
-                                    exclude=exclude)
-            tool = _tool_versions()
-        else:
-            summary = _qdq_graph(base, q_path, state, precision)
-            tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
+                graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
+                exclude = [f"^{n.name}$" for n, name in zip(weight_matmuls(graph), state["names"], strict=True)
+                           if name in keep]
+                summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method,
+                                        exclude=exclude)
+                tool = _tool_versions()
+            else:
+                summary = _qdq_graph(base, q_path, state, precision, budget)
+                tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
         _move_model(Path(tmp), out)
         pipe.save(out)
         write_st_files(out, source=model)  # sentence-transformers files + embedding_output.json
@@ -406,6 +424,8 @@ def export_quantized(
         "activations": "per-tensor static",
         "simulated_min_cosine": state["simulated"],
         **({"smoothing": state["smoothing"]} if state.get("smoothing") else {}),
+        **({"o_proj_range": state["o_proj_range"]} if state.get("o_proj_range") else {}),
+        **({"attention": state["attention"]} if plan.runtime == "tensorrt" else {}),
         **({"fallback": state["fallback"]} if state.get("fallback") else {}),
         **summary,
     }
@@ -413,9 +433,11 @@ def export_quantized(
     manifest.update(precision=precision, opset=opset, files=files, plan=plan.to_dict(), quantization=quant)
     manifest.setdefault("build", {})["target_hint"] = _target_hint(precision, plan.runtime)
     write_manifest(out, manifest)
-    _record_graph(out, plan)
+    with phases.phase("graph audit (dtype shares)"):
+        _record_graph(out, plan)
     if validate:
-        report = validate_export(model, out, texts=texts, raise_on_failure=False)
+        with phases.phase("validate against fp32 PyTorch"):
+            report = validate_export(model, out, texts=texts, raise_on_failure=False)
         if not report:
             ranking = state.get("ranking") or []
             lines = [f"  {r['projection']}: min cosine {r['min_cosine_if_kept']:.4f} if kept high precision "
@@ -433,8 +455,12 @@ def export_quantized(
 
 
 def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: float, fallback: bool,
-             extra_probe: Sequence[Batch] = ()) -> dict[str, Any]:
-    """Smoothing (INT8), activation ranges, simulation and (when needed) sensitivity + fallback."""
+             extra_probe: Sequence[Batch] = (), attention: bool | None = False) -> dict[str, Any]:
+    """Smoothing (INT8), activation ranges, simulation, (when needed) sensitivity + fallback, FP8 attention.
+
+    ``attention``: FP8 Q/DQ on the attention BMMs. None: on when the simulation with them stays
+    at ``target``; True: on, and :class:`InputError` when it does not; False: off.
+    """
     import torch
 
     from nvembed_sdk.exporters import smooth as sm
@@ -456,6 +482,24 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
                                          "rows, one scale per K/V head and dim; down: up_proj rows)",
                                          "alpha_grid": list(sm.ALPHAS), "per_layer": smoothing} if smoothing else {}}
     if simulated < target:
+        # Unseen text can push the attention output past its calibrated range (clipped), never
+        # past the V range: widen the o_proj ranges towards that bound as far as held-out text gains.
+        bounds = sm.o_input_bounds(torch_model, stats)
+        tried = {r: sm.min_cosine(sm.simulate(torch_model, probe, sm.widen_o_ranges(amax, bounds, r), precision),
+                                  reference) for r in sm.O_HEADROOM}
+        best = max(tried, key=lambda r: tried[r])
+        chosen = best if tried[best] > simulated else None
+        if chosen is not None:
+            log.info("o_proj ranges widened (headroom %.2f towards the V bound): simulated min cosine %.4f -> %.4f",
+                     chosen, simulated, tried[chosen])
+            amax, simulated = sm.widen_o_ranges(amax, bounds, chosen), tried[chosen]
+            out.update(amax=amax, simulated=round(simulated, 5))
+            quantised = sm.simulate(torch_model, probe, amax, precision)
+        out["o_proj_range"] = {"rule": "calibrated absmax * (V-range bound / calibrated absmax) ** headroom, the "
+                               "headroom chosen by the held-out simulated min cosine", "headroom": chosen,
+                               "tried": {str(r): round(c, 5) for r, c in tried.items()},
+                               "bound": {k: round(v, 5) for k, v in bounds.items()}}
+    if simulated < target:
         # Rank on the batches holding the worst rows: the min cosine is decided there (and it is cheap).
         cos = torch.nn.functional.cosine_similarity(quantised.double(), reference.double(), dim=-1)
         starts = np.cumsum([0] + [b.input_ids.shape[0] for b in probe])
@@ -473,13 +517,51 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
                 log.warning("fallback: keeping %s in high precision (simulated min cosine %.4f)", ", ".join(keep), cos)
                 out.update(keep=keep, simulated=round(cos, 5))
             out["fallback"] = {"kept_high_precision": keep, "dtype": "high precision (fp16 / fp32 base)",
+                               "simulated_min_cosine_all_quantized": round(simulated, 5),
                                "simulated_min_cosine": round(cos, 5), "target": round(target, 5),
                                "sensitivity": ranking[:10]}
+    out["attention"] = _fp8_attention(torch_model, fit, out, attention)
+    out["attention_wanted"], out["probe"], out["reference"] = attention, probe, reference.numpy()
     out["weights"] = [lin.weight.detach().clone() for _, lin in sm.projections(torch_model)]
     return out
 
 
-def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str) -> dict[str, Any]:
+def _fp8_attention(torch_model: Any, fit: Sequence[Batch], state: dict[str, Any],
+                   wanted: bool | None) -> dict[str, Any]:
+    """FP8 attention BMM ranges (a candidate, measured on the real graph in :func:`_qdq_graph`), or why not."""
+    from nvembed_sdk.exporters import smooth as sm
+
+    if wanted is False:
+        return {"bmm_dtype": "fp16", "reason": "off (--no-fp8-attention, or not an fp8 graph for TensorRT)"}
+    head_dim = torch_model.decoder.layers[0].attn.head_dim
+    if not FP8_MHA_HEAD_DIMS[0] < head_dim <= FP8_MHA_HEAD_DIMS[1]:
+        return {"bmm_dtype": "fp16", "reason": f"head dim {head_dim} outside TensorRT's FP8 fMHA range"}
+    ranges = sm.attention_amax(torch_model, fit)
+    for i, r in enumerate(ranges):
+        o_name = f"layers.{i}.attn.o_proj"
+        if o_name not in state["keep"]:
+            # BMM2's output is o_proj's input (after Reshape/Transpose, which commute with a
+            # per-tensor Q/DQ): the same scale makes the two quantisations one (idempotent).
+            r["out"] = state["amax"][o_name]
+    return {"bmm_dtype": "candidate", "ranges": ranges}
+
+
+def _min_cosine_ort(path: Path, batches: Sequence[Batch], reference: np.ndarray) -> float:
+    """Min per-row cosine of the ONNX graph (ONNX Runtime CPU, FP8 emulated) against fp32 PyTorch."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # FP8 before ORT 1.32
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    got = np.concatenate([sess.run(None, {k: v for k, v in b.as_dict().items() if k in names})[0] for b in batches])
+    got, ref = got.astype(np.float64), reference.astype(np.float64)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)).clip(1e-12)
+    return float(cos.min())
+
+
+def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str, budget: float) -> dict[str, Any]:
     onnx = require("onnx")
     from nvembed_sdk.exporters.onnx_export import save_onnx
     from nvembed_sdk.exporters.qdq import insert_qdq
@@ -488,7 +570,41 @@ def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str) 
     summary = insert_qdq(proto, state["names"], state["weights"], state["amax"], precision, set(state["keep"]))
     if proto.ByteSize() < 1_800_000_000:
         onnx.checker.check_model(proto)
-    save_onnx(proto, q_path)
+    attention = state.get("attention") or {}
+    if attention.get("bmm_dtype") == "candidate":
+        import copy
+
+        from nvembed_sdk.exporters.qdq import insert_attention_qdq
+
+        with_attn = copy.deepcopy(proto)
+        added = insert_attention_qdq(with_attn, attention["ranges"])
+        save_onnx(with_attn, q_path)
+        # Measured, not simulated: the graph itself on the held-out calibration text vs fp32.
+        cos = _min_cosine_ort(q_path, state["probe"], state["reference"])
+        target = budget + FP8_ATTENTION_MARGIN
+        forced = bool(state.get("attention_wanted"))
+        attention.update(measured_min_cosine=round(cos, 5), target=round(target, 5))
+        if cos >= target:
+            attention.update(bmm_dtype="fp8", reason="forced (--fp8-attention)" if forced else "within budget (default)",
+                             layout="Q/DQ on Q and K (BMM1), on the softmax output and V (BMM2) and on BMM2's output; "
+                                    "per-tensor fp16 scales, E4M3; scores and softmax fp32 (TensorRT's FP8 fMHA "
+                                    "pattern)")
+            attention["ranges"] = [{k: round(v, 6) for k, v in r.items()} for r in attention["ranges"]]
+            summary["qdq_pairs"] += added["qdq_pairs"]
+            summary["kept_high_precision"] = [k for k in summary["kept_high_precision"]
+                                              if not k.startswith("attention QK")]
+            summary["kept_high_precision"].append("attention scores and Softmax fp32 (BMMs FP8)")
+            proto = None
+        elif forced:
+            raise InputError(f"--fp8-attention: min cosine with FP8 attention BMMs {cos:.5f} (ONNX Runtime, held-out "
+                             f"calibration text, vs fp32) is below {target:.5f}; drop --fp8-attention (the default "
+                             "turns it on only within budget)")
+        else:
+            log.warning("FP8 attention BMMs off: min cosine %.4f < %.4f on held-out calibration text", cos, target)
+            attention.update(bmm_dtype="fp16", reason="over budget on held-out calibration text")
+            attention.pop("ranges")
+    if proto is not None:
+        save_onnx(proto, q_path)
     if state.get("fallback"):
         state["fallback"]["dtype"] = "fp16"
     return summary

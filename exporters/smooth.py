@@ -13,14 +13,18 @@ Three steps, all on the fp32 ``NVEmbedModel`` and the calibration batches:
    query heads sharing one K/V head share one s, so s is taken per (K/V head, dim)) and the rows
    of ``up_proj`` (down). The strength ``a`` is chosen per layer and group from a grid (plus
    "no smoothing") by the relative output error of the fake-quantised GEMMs on the sampled rows.
-3. :func:`simulate` / :func:`sensitivity` / :func:`choose_fallback`: fake-quantised forward
+3. :func:`o_input_bounds` / :func:`widen_o_ranges`: the o_proj input (attention output) can
+   exceed its calibrated range on unseen text but never the V range; when the simulation misses
+   the budget its range is widened towards that bound, by the amount held-out text prefers.
+4. :func:`simulate` / :func:`sensitivity` / :func:`choose_fallback`: fake-quantised forward
    passes (per-channel weights, per-tensor static activations, the grids the Q/DQ graph uses) to
    find which projections cost the most and the fewest to keep in high precision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +39,10 @@ GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "g
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 QMAX = {"int8": 127.0, "fp8": 448.0}
 SAMPLE_ROWS = 1024
+O_HEADROOM = (0.25, 0.5, 0.75, 1.0)  # candidates for widen_o_ranges, chosen on held-out text
+# E4M3 keeps 3 mantissa bits from 2^-6 to 448 times the scale, so a 2x wider range than calibrated
+# costs the small values nothing measurable while unseen text no longer clips Q/K/V.
+FP8_ATTENTION_HEADROOM = 2.0
 
 
 def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -47,10 +55,14 @@ def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
-def _forward(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
+def _forward(model: nn.Module, batches: Sequence[Batch], desc: str | None = None) -> torch.Tensor:
+    """Embeddings of ``batches``; with ``desc``, a progress bar (lines when not on a terminal) over them."""
+    from nvembed_sdk.progress import progress
+
+    items = progress(batches, desc) if desc else batches
     with torch.no_grad():
         return torch.cat([model(*(torch.from_numpy(v) for v in (b.input_ids, b.attention_mask, b.pool_mask)))
-                          for b in batches])
+                          for b in items])
 
 
 @dataclass
@@ -82,12 +94,20 @@ def collect_stats(model: nn.Module, batches: Sequence[Batch], sample_rows: int =
             st.rows.append(x[idx].clone())
         return fn
 
+    def v_hook(key: str):
+        def fn(_mod: Any, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            amax = out.detach().float().abs().flatten(0, -2).amax(0)  # (n_kv*hd,) per V channel
+            st = stats.get(key)
+            stats[key] = GroupStats(amax) if st is None else GroupStats(torch.maximum(st.amax, amax))
+        return fn
+
     for i, layer in enumerate(model.decoder.layers):
+        handles.append(layer.attn.v_proj.register_forward_hook(v_hook(f"{i}.v_out")))
         for key, mod in ((f"{i}.qkv", layer.attn.q_proj), (f"{i}.o", layer.attn.o_proj),
                          (f"{i}.gate_up", layer.mlp.gate_proj), (f"{i}.down", layer.mlp.down_proj)):
             handles.append(mod.register_forward_pre_hook(hook(key)))
     try:
-        _forward(model, batches)
+        _forward(model, batches, desc="calibrate")
     finally:
         for h in handles:
             h.remove()
@@ -181,6 +201,8 @@ def smooth_decoder(model: nn.Module, stats: dict[str, GroupStats], precision: st
                         best, best_alpha, best_s = e, a, s
                 if best_alpha is not None:
                     _fold(layer, group, best_s, gqa)
+                    if group == "o":  # V itself is divided by s (per K/V channel): keep its range exact
+                        stats[f"{i}.v_out"].amax = stats[f"{i}.v_out"].amax / _gqa_reduce(best_s, *gqa)
                 after = st.amax / best_s
                 report[f"{i}.{group}"] = {
                     "alpha": best_alpha, "error_before": round(base, 6), "error_after": round(best, 6),
@@ -217,9 +239,79 @@ def activation_amax(model: nn.Module, stats: dict[str, GroupStats]) -> dict[str,
             for name, _ in projections(model)}
 
 
+def o_input_bounds(model: nn.Module, stats: dict[str, GroupStats]) -> dict[str, float]:
+    """Per ``o_proj``, the largest value its input can take on any text: the calibrated V range.
+
+    The attention output of a query head is a convex combination of the V rows of its K/V head
+    (softmax weights are >= 0 and sum to 1), so ``|o_in[c]| <= max_t |V[t, c]|`` for every token,
+    text and length. V is a per-token projection, so its calibrated range holds for unseen text;
+    the o_proj input's own calibrated range does not: a text whose V rows agree (a repeated
+    token, a uniform attention map over a long run) keeps the mean at the V scale, while on
+    typical long text the mean shrinks, so calibration on a few texts under-estimates it.
+    """
+    return {f"layers.{i}.attn.o_proj": float(stats[f"{i}.v_out"].amax.max()) for i in range(len(model.decoder.layers))}
+
+
+def widen_o_ranges(amax: dict[str, float], bounds: dict[str, float], r: float) -> dict[str, float]:
+    """``amax`` with each o_proj range moved geometrically towards its no-clip bound (r=0: calibrated, 1: bound)."""
+    out = dict(amax)
+    for name, bound in bounds.items():
+        lo = amax[name]
+        out[name] = lo * max(bound / lo, 1.0) ** r if lo > 0 else bound
+    return out
+
+
+@contextmanager
+def _bmm_hooks(model: nn.Module, make: Callable[[int], Any]) -> Iterator[None]:
+    """Every layer on the explicit attention path with ``bmm_quant = make(layer)`` (restored after)."""
+    attns = [layer.attn for layer in model.decoder.layers]
+    saved = [(a.explicit_attention, a.bmm_quant) for a in attns]
+    try:
+        for i, a in enumerate(attns):
+            a.explicit_attention, a.bmm_quant = True, make(i)
+        yield
+    finally:
+        for a, (explicit, hook) in zip(attns, saved, strict=True):
+            a.explicit_attention, a.bmm_quant = explicit, hook
+
+
+def attention_amax(model: nn.Module, batches: Sequence[Batch]) -> list[dict[str, float]]:
+    """Per layer, the per-tensor ranges of the attention BMM operands for FP8 Q/DQ.
+
+    ``q``/``k`` (after RoPE) and ``v``: calibrated absmax times ``FP8_ATTENTION_HEADROOM``;
+    ``p`` (softmax output): 1, its bound; ``out`` (P @ V, the attention output): the V range,
+    its bound (a convex combination of V rows).
+    """
+    seen = [dict.fromkeys(("q", "k", "v"), 0.0) for _ in model.decoder.layers]
+
+    def make(i: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        def fn(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name in seen[i]:
+                seen[i][name] = max(seen[i][name], float(t.detach().abs().max()))
+            return t
+        return fn
+
+    with _bmm_hooks(model, make):
+        _forward(model, batches)
+    h = FP8_ATTENTION_HEADROOM
+    return [{"q": r["q"] * h, "k": r["k"] * h, "v": r["v"] * h, "p": 1.0, "out": r["v"] * h} for r in seen]
+
+
 def simulate(model: nn.Module, batches: Sequence[Batch], amax: dict[str, float], precision: str,
-             keep: set[str] | frozenset[str] = frozenset()) -> torch.Tensor:
-    """Embeddings with every projection not in ``keep`` fake-quantised (weights and input)."""
+             keep: set[str] | frozenset[str] = frozenset(),
+             attention: Sequence[dict[str, float]] | None = None) -> torch.Tensor:
+    """Embeddings with every projection not in ``keep`` fake-quantised (weights and input).
+
+    ``attention`` (from :func:`attention_amax`): the attention BMM operands fake-quantised to FP8 too.
+    """
+    if attention is not None:
+        def make(i: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+            def fn(name: str, t: torch.Tensor) -> torch.Tensor:
+                return fake_quant(t, torch.tensor(act_scale(attention[i][name], "fp8")), "fp8")
+            return fn
+
+        with _bmm_hooks(model, make):
+            return simulate(model, batches, amax, precision, keep)
     saved, handles = {}, []
     try:
         for name, lin in projections(model):

@@ -383,3 +383,41 @@ def _write_integration_files(out: Path) -> None:
     from nvembed_sdk.integrations.st_files import write_st_files
 
     write_st_files(out)  # modules.json + prompts: sentence-transformers loads the checkpoint
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def random_checkpoint(cfg: NVEmbedConfig, directory: str | Path, tokenizer: str | Path, seed: int = 0,
+                      std: float | None = None) -> Path:
+    """A checkpoint of shape ``cfg`` with random weights and the tokenizer files of ``tokenizer``.
+
+    What a new user tries first (an NV-Embed-shaped model before any training): linears and
+    embeddings N(0, std), RMSNorm weights 1, latents N(0, 1).
+
+    Args:
+        cfg: the model shape; ``cfg.text.vocab_size`` is replaced by the tokenizer's.
+        directory: output checkpoint directory (created).
+        tokenizer: a checkpoint or tokenizer directory holding ``tokenizer.json``.
+        seed: weight seed. Defaults to 0.
+        std: weight standard deviation. Defaults to ``cfg.text.initializer_range``.
+
+    Returns:
+        The directory.
+    """
+    import dataclasses
+    import shutil
+
+    from nvembed_sdk.text import TextPipeline
+
+    src = Path(tokenizer)
+    if not (src / "tokenizer.json").is_file():
+        raise ArtifactError(fmt("tokenizer", str(src), "a directory with tokenizer.json (e.g. models/nvembed-debian-small)"))
+    text = dataclasses.replace(cfg.text, vocab_size=TextPipeline(src).vocab_size,
+                               initializer_range=cfg.text.initializer_range if std is None else std)
+    model = NVEmbedModel(cfg.replace(text=text)).init_weights(seed=seed).eval()
+    out = save_model(model, directory)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return out

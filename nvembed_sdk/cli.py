@@ -222,6 +222,11 @@ def _graph_facts(p: Path, m: dict[str, Any]) -> dict[str, Any]:
         out["graph"] = f"for {graph['runtime']} ({graph.get('base_dtype')} base)"
     out[f"MACs by dtype ({graph['probe']})"] = format_shares(graph["macs"])
     out["activation bytes by dtype"] = format_shares(graph["activation_bytes"])
+    if graph.get("attention_bmm_macs"):
+        out["attention BMM MACs by dtype"] = format_shares(graph["attention_bmm_macs"])
+    attention = (m.get("quantization") or {}).get("attention")
+    if attention:
+        out["attention BMMs"] = f"{attention['bmm_dtype']} ({attention['reason']})"
     return out
 def _check_files(p: Path, m: dict[str, Any], verify: bool) -> str:
     from nvembed_sdk.bundle_files import ALWAYS_HASH_BELOW, model_file, verify_files

@@ -14,6 +14,8 @@ No export, quantisation or tokenisation code lives here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _same(_name: str, t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention, bidirectional (padding mask only)."""
 
@@ -73,6 +79,11 @@ class Attention(nn.Module):
         # False: one SDPA call. True: MatMul -> fp32 Softmax -> MatMul written out, the pattern
         # TensorRT fuses and ModelOpt's MHA quantiser matches, with fp32 softmax in fp16 graphs.
         self.explicit_attention = False
+        # Export-time only (exporters/smooth.py): called as bmm_quant(name, tensor) on the
+        # explicit path's BMM operands, name in q (B, nkv, rep*T, hd), k / v (B, nkv, T, hd),
+        # p (B, nkv, rep*T, T) and out (B, nkv, rep*T, hd); returns the tensor to use (calibration
+        # records ranges, FP8-attention simulation fake-quantises). None: untouched.
+        self.bmm_quant: Any = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -90,9 +101,10 @@ class Attention(nn.Module):
             # sequence axis, (B, nkv, rep*T, hd), so K/V are never copied per query head and
             # each K/V head is one larger MatMul. Softmax in fp32.
             qg = q.reshape(B, self.n_kv, rep * T, self.head_dim)
-            scores = torch.matmul(qg, k.transpose(2, 3)).float() * (self.head_dim**-0.5)  # (B, nkv, rep*T, T)
-            probs = torch.softmax(scores + mask.float(), dim=-1).to(q.dtype)
-            y = torch.matmul(probs, v).reshape(B, self.n_head, T, self.head_dim)  # (B, nh, T, hd)
+            fq = self.bmm_quant or _same
+            scores = torch.matmul(fq("q", qg), fq("k", k).transpose(2, 3)).float() * (self.head_dim**-0.5)
+            probs = torch.softmax(scores + mask.float(), dim=-1).to(q.dtype)  # (B, nkv, rep*T, T)
+            y = fq("out", torch.matmul(fq("p", probs), fq("v", v))).reshape(B, self.n_head, T, self.head_dim)
         else:
             if rep > 1:
                 k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)

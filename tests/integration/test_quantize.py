@@ -136,6 +136,11 @@ def test_calibration_file_cli(tiny_checkpoint, tmp_path):
     assert res.exit_code == 0, res.output
     q = read_manifest(tmp_path / "b")["quantization"]
     assert q["calibration"]["source"] == str(calib) and q["calibration"]["passages"] == 21
+    # steady phase lines on stderr (CliRunner is no terminal: lines, not a bar), in order, each timed
+    phases = [ln for ln in res.output.splitlines() if ln.startswith("[export int8 ")]
+    assert [ln.split("]")[0] for ln in phases if ln.endswith("...")] == [f"[export int8 {i}/4" for i in range(1, 5)]
+    assert all(any(ln.startswith(f"[export int8 {i}/4]") and " done in " in ln for ln in phases) for i in range(1, 5))
+    assert any(ln.startswith("calibrate: ") and "done" in ln for ln in res.output.splitlines())
     assert np.isfinite(Embedder.load(tmp_path / "b").embed(SAMPLE_TEXTS)).all()
 
 
