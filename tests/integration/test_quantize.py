@@ -36,10 +36,20 @@ def _graph(bundle):
     return onnx.load(str(bundle / "model.onnx"))
 
 
-def _dq_matmuls(model):
+def _dq_matmuls(model, weights: bool = True):
+    """MatMuls whose inputs are all dequantised: the projections (a quantised weight initializer
+    behind one input) or, with ``weights=False``, the attention BMMs (both inputs activations)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    return [n for n in model.graph.node if n.op_type == "MatMul"
-            and all(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)]
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or not all(i in producer and producer[i].op_type == "DequantizeLinear"
+                                            for i in n.input):
+            continue
+        has_weight = any(producer[i].input[0] in inits for i in n.input)
+        if has_weight == weights:
+            out.append(n)
+    return out
 
 
 def test_int8_graph_and_manifest(int8_bundle):
@@ -80,6 +90,9 @@ def test_fp8_graph_has_e4m3_qdq_on_decoder_matmuls(fp8_bundle):
     inits = {t.name: t for t in model.graph.initializer}
     dq = _dq_matmuls(model)
     assert len(dq) == 14 - len(m["quantization"].get("fallback", {}).get("kept_high_precision", []))
+    # FP8 attention (on by default where it stays within budget): Q.K^T and P.V of both layers
+    attention_on = m["quantization"].get("attention", {}).get("bmm_dtype") == "fp8"
+    assert len(_dq_matmuls(model, weights=False)) == (4 if attention_on else 0), m["quantization"].get("attention")
     producer = {o: n for n in model.graph.node for o in n.output}
     for mm in dq:
         for i in mm.input:

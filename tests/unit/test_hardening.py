@@ -7,6 +7,7 @@ import copy
 import errno
 import json
 import math
+import re
 from pathlib import Path
 
 import click
@@ -25,12 +26,16 @@ from nvembed_sdk.text import TextPipeline
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "nvembed-debian-small"
 
 
+PHASE_LINE = re.compile(r"^\[[^\]]+ \d+/\d+\] ")  # an export's progress lines ("[export fp32 1/1] ...")
+
+
 def _one_line_error(res) -> str:
     assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output and res.output.startswith("error: "), res.output
-    assert res.output.count("\n") == 1, res.output
-    assert " | got " in res.output and ". Note: " in res.output, res.output
-    return res.output
+    assert "Traceback" not in res.output, res.output
+    lines = [line for line in res.output.splitlines() if not PHASE_LINE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert " | got " in lines[0] and ". Note: " in lines[0], res.output
+    return lines[0] + "\n"
 
 
 # ---- finite outputs or an error ------------------------------------------------------------------
