@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,10 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
             overrides[key] = value
     cfg = TrainConfig.from_file(config, overrides)
     run(cfg, resume=resume, stop_after_steps=stop_after_steps, log=_echo, overwrite=overwrite)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: close the process group cleanly
+        from nvembed_sdk.train.dist import shutdown_dist
+
+        shutdown_dist()
 
 
 @click.command("mine")

@@ -63,5 +63,15 @@ def setup_dist() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown_dist() -> None:
+    """End the process group a torchrun rank opened, after every rank got here: a rank that
+    exits with gloo's threads still live can abort ("terminate called without an active
+    exception", exit -6) after training finished."""
+    import torch.distributed as dist
 
-__all__ = ["Dist", "setup_dist"]
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+__all__ = ["Dist", "setup_dist", "shutdown_dist"]
