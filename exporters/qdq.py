@@ -205,18 +205,13 @@ def insert_attention_qdq(proto: Any, amax: Sequence[dict[str, float]]) -> dict[s
                                  name=f"{node}_{what}_DequantizeLinear")]
 
     for layer, (bmm1, _sm, bmm2) in enumerate(trios):
-        nodes = []
-        for idx, what in ((0, "q"), (1, "k")):
-            src = bmm1.input[idx]
-            nodes += qdq(layer, what, src, f"{src}_fp8dq", bmm1.name)
-            bmm1.input[idx] = f"{src}_fp8dq"
-        before[bmm1.name] = nodes
-        nodes = []
-        for idx, what in ((0, "p"), (1, "v")):
-            src = bmm2.input[idx]
-            nodes += qdq(layer, what, src, f"{src}_fp8dq", bmm2.name)
-            bmm2.input[idx] = f"{src}_fp8dq"
-        before[bmm2.name] = nodes
+        for bmm, names in ((bmm1, ("q", "k")), (bmm2, ("p", "v"))):  # both inputs of Q.K^T and of P.V
+            nodes = []
+            for idx, what in enumerate(names):
+                src = bmm.input[idx]
+                nodes += qdq(layer, what, src, f"{src}_fp8dq", bmm.name)
+                bmm.input[idx] = f"{src}_fp8dq"
+            before[bmm.name] = nodes
         out = bmm2.output[0]
         bmm2.output[0] = f"{out}_fp8pre"
         after[bmm2.name] = qdq(layer, "out", f"{out}_fp8pre", out, bmm2.name)
