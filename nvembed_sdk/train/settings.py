@@ -137,6 +137,10 @@ class DistillSettings:
         score_weight: weight of a KL term towards the teacher scores ``nvembed mine`` stores.
             Defaults to 0 (off).
         score_temperature: temperature applied to those teacher scores. Defaults to 1.0.
+        align_projection: when the cache has no projection yet, fit it to the starting model's
+            own embeddings of 4,096 training texts (orthogonal Procrustes) instead of the SVD
+            basis: for a stage that continues a distilled model with a new cache. Defaults to
+            False.
     """
 
     teacher: str | None = None
@@ -148,6 +152,7 @@ class DistillSettings:
     init_token_embeddings: bool = False
     score_weight: float = 0.0
     score_temperature: float = 1.0
+    align_projection: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "train config distill.")

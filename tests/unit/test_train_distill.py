@@ -61,6 +61,29 @@ def test_cache_fills_once_reloads_and_projects(tmp_path, bert_teacher):
         again.projection(200)
 
 
+def test_aligned_projection_recovers_the_basis_the_student_already_uses(tmp_path, bert_teacher):
+    """A stage that continues a distilled model with a new cache: the SVD basis of the new cache is
+    another rotation of the teacher space, the Procrustes fit to the model's own rows is its own."""
+    embed = teacher_encoder(str(bert_teacher), batch_size=8, num_threads=1)
+    cache = TeacherCache(tmp_path / "c")
+    texts = [f"{a} {b} tools" for a in WORDS[:12] for b in WORDS[12:24]]
+    cache.fill(texts, embed, chunk=64, show_progress=False)
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((96, 8)))  # (96, 8) the model's basis
+    t = cache.matrix[[cache.index[x] for x in texts]].astype(np.float32)
+    student = t @ q
+    student /= np.linalg.norm(student, axis=1, keepdims=True)  # (n, 8) what the model embeds now
+
+    def mean_cos(proj):
+        return float((cache.targets(texts, proj)[0].numpy() * student).sum(1).mean())
+
+    svd = TeacherCache(tmp_path / "c").projection(8)
+    (tmp_path / "c" / "projection-8.npy").unlink()
+    aligned = cache.align_projection(texts[::2], student[::2])  # fitted on half, checked on all
+    assert mean_cos(aligned) > 0.999 and mean_cos(svd) < 0.9
+    np.testing.assert_allclose(aligned.T @ aligned, np.eye(8), atol=1e-5)
+    assert np.array_equal(TeacherCache(tmp_path / "c").projection(8), aligned)  # stored for the run and its resumes
+
+
 def test_loss_is_zero_on_the_target_and_ignores_missing_rows():
     target = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     found = torch.tensor([True, True, False, True])
