@@ -6,7 +6,7 @@ Three steps, all on the fp32 ``NVEmbedModel`` and the calibration batches:
    input rows. Groups (one static per-tensor activation scale each, since they read one tensor):
    ``qkv`` (q/k/v_proj, reading the attention RMSNorm output), ``o`` (o_proj, reading the
    attention output), ``gate_up`` (gate/up_proj, reading the MLP RMSNorm output), ``down``.
-2. :func:`smooth_decoder` (INT8): SmoothQuant (Xiao et al.) on every group, folded exactly:
+2. :func:`smooth_decoder` (INT8 and FP8, each scored on its own grid): SmoothQuant (Xiao et al.) on every group, folded exactly:
    ``s_j = max|X_j|^a / max|W_:,j|^(1-a)``; input channel j is divided by s_j and weight column j
    multiplied by it. The division lands in the attention RMSNorm weight (qkv), the MLP RMSNorm
    weight (gate_up), the rows of ``v_proj`` (o: the attention output is linear in V; with GQA the
