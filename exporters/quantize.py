@@ -471,10 +471,10 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
     fit = [b for i, b in enumerate(batches) if i % 4 != 2] if len(batches) >= 4 else batches
     reference = sm._forward(torch_model, probe)
     stats = sm.collect_stats(torch_model, fit)
-    # FP8 is smoothed too: E4M3 keeps ~2 significant bits less than its range suggests for small
-    # values, and one per-tensor scale over a 26x-outlier down_proj input cost the shipped model one
-    # fp16 fallback (93 % FP8 MACs) without it; with it all 28 projections stay FP8 (0.9984 min cos).
-    smoothing = sm.smooth_decoder(torch_model, stats, precision) if precision in ("int8", "fp8") else {}
+    # FP8 is smoothed too: E4M3 has 3 mantissa bits, and one per-tensor scale set by a 26x-outlier
+    # channel of a down_proj input pushes the other channels towards its subnormals; unsmoothed, that
+    # cost the shipped model one fp16 fallback (93 % FP8 MACs); smoothed, all 28 projections stay FP8.
+    smoothing = sm.smooth_decoder(torch_model, stats, precision)  # precision: one of QUANT_PRECISIONS
     amax = sm.activation_amax(torch_model, stats)
     names = [n for n, _ in sm.projections(torch_model)]
     quantised = sm.simulate(torch_model, probe, amax, precision)

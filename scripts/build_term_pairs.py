@@ -32,12 +32,13 @@ holds exactly the texts it trains on. Output: gzipped JSONL, shuffled with a fix
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from nvembed_sdk.train.readers import read_jsonl, write_jsonl
 
 TERM_TASK = "Given a computing term, retrieve its dictionary definition"
 WORD_TASK = "Given a word, retrieve its dictionary definition"
@@ -51,12 +52,6 @@ _TECH = re.compile(r"^(?=.*[A-Za-z])(?:[A-Za-z0-9]*[a-z][A-Z][A-Za-z0-9]*|[A-Z]{
 _CAP_RUN = re.compile(r"\b(?:[A-Z][a-z]+(?:\s+|$)){2,4}")
 _URLISH = re.compile(r"https?:|www\.|@|\.(?:com|org|net|html?)$|^[0-9.]+$")
 _POS = re.compile(r"\s+\((?:noun|verb|adjective|adverb|adjective satellite)\)$")
-
-
-def read_jsonl(path: Path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
 
 
 def tech_terms(text: str) -> set[str]:
@@ -134,12 +129,7 @@ def main() -> None:
     caps = {"name": a.per_kind, "term": a.per_kind, "lemma": a.per_kind, "summary": 2 * a.per_kind,
             "question": a.per_kind // 2}
     rows, counts = build(a.train_dir, caps, a.max_df, a.seed)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.output.with_name(a.output.name + ".partial")
-    with open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as raw:  # no name, no time
-        for r in rows:
-            raw.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp.replace(a.output)
+    write_jsonl(a.output, rows)  # staged, gzip without name or time: reproducible bytes
     print(json.dumps({"output": str(a.output), "pairs": len(rows), "by_kind": counts}, indent=1))
 
 

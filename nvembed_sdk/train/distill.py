@@ -107,7 +107,7 @@ class TeacherCache:
 
         Stored as ``projection-{dim}.npy`` the first time, so a resumed run uses the same one.
         """
-        path = self.root / f"projection-{dim}.npy"
+        path = self.projection_path(dim)
         if path.is_file():
             return np.load(path)
         m = self.matrix.astype(np.float32)
@@ -121,6 +121,9 @@ class TeacherCache:
         proj = np.ascontiguousarray(vt[:dim].T)  # (D_t, dim)
         np.save(path, proj)
         return proj
+
+    def projection_path(self, dim: int) -> Path:
+        return self.root / f"projection-{dim}.npy"
 
     def align_projection(self, texts: Sequence[str], student_rows: np.ndarray) -> np.ndarray:
         """(D_t, dim) orthonormal projection that best maps the teacher rows of ``texts`` onto
@@ -136,7 +139,7 @@ class TeacherCache:
         t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
         u, _, vt = np.linalg.svd(t.T @ student_rows.astype(np.float32), full_matrices=False)  # (D_t, dim), (dim, dim)
         proj = np.ascontiguousarray(u @ vt)
-        np.save(self.root / f"projection-{student_rows.shape[1]}.npy", proj)
+        np.save(self.projection_path(student_rows.shape[1]), proj)
         return proj
 
     def targets(self, texts: Sequence[str], proj: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +151,6 @@ class TeacherCache:
             sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32) @ proj  # (n_found, dim)
             out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
         return torch.from_numpy(out), torch.from_numpy(found)
-
-
-def fresh_projection_path(cache: TeacherCache, dim: int) -> Path:
-    return cache.root / f"projection-{dim}.npy"
 
 
 def _alignment_sample(texts: Sequence[str], seed: int, n: int = 4096) -> list[str]:
@@ -221,11 +220,10 @@ def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, mo
             cache.fill(texts, teacher_encoder(cfg.distill.teacher, max_length=cfg.distill.teacher_max_length,
                                               num_threads=cfg.num_threads))
         dim = model.cfg.text.hidden_size
-        if cfg.distill.align_projection and not fresh_projection_path(cache, dim).is_file():
+        if cfg.distill.align_projection and not cache.projection_path(dim).is_file():
             sample = _alignment_sample(data.pair_texts(), cfg.seed)
             rows = _student_rows(model, text, sample, cfg.doc_max_length)
-            cache.align_projection(sample, rows)
-            t = cache.targets(sample, cache.projection(dim))[0].numpy()
+            t = cache.targets(sample, cache.align_projection(sample, rows))[0].numpy()
             log(f"teacher projection aligned to the starting model on {len(sample):,} texts: "
                 f"mean cos {float((t * rows).sum(1).mean()):.3f}")
         cache.projection(dim)
