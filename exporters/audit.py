@@ -20,6 +20,7 @@ The node's module scope comes from the exporter's ``pkg.torch.onnx.name_scopes``
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,35 @@ def _scope(node: Any) -> str:
     return md.get("pkg.torch.onnx.name_scopes", "")
 
 
-def _in_island(node: Any) -> str | None:
+def score_chain(nodes: Sequence[Any]) -> set[str]:
+    """First outputs of the attention nodes between QKᵀ and the softmax (the score cast, scale, mask add, softmax).
+
+    Walks back from each attention Softmax through Cast/Mul/Add producers of the same attention
+    scope, stopping at the QKᵀ MatMul: the RoPE Mul/Add upstream of that MatMul are not in the
+    chain, so an fp32 RoPE (or any other fp32 op in the attention block) is reported, not excused.
+    """
+    producer = {o: n for n in nodes for o in n.output}
+    chain: set[str] = set()
+    stack = [n for n in nodes if n.op_type == "Softmax" and ".attn'" in _scope(n)]
+    while stack:
+        n = stack.pop()
+        if n.output[0] in chain:  # output names are unique in a graph; node names need not be
+            continue
+        chain.add(n.output[0])
+        for i in n.input:
+            p = producer.get(i)
+            if p is not None and p.op_type in _ATTN_SCORE_OPS and ".attn'" in _scope(p):
+                stack.append(p)
+    return chain
+
+
+def _in_island(node: Any, scores: set[str] | frozenset[str] = frozenset()) -> str | None:
     scope = _scope(node)
     if node.domain == "nvembed":
         return "head"
     if "_norm'" in scope or "decoder.norm'" in scope:
         return "RMSNorm statistics"
-    if ".attn'" in scope and node.op_type in _ATTN_SCORE_OPS:
+    if node.output and node.output[0] in scores:
         return "attention scores / softmax"
     if scope.startswith("['', 'decoder', '") and "layers" not in scope:
         return "RoPE tables"
@@ -128,6 +151,7 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
             macs[head_dtype] += seq * sum(float(np.prod(w[i])) for i in (4, 5, 8, 10, 12))
     act: dict[str, float] = defaultdict(float)
     outside = []
+    scores = score_chain(proto.graph.node)
     for n in proto.graph.node:
         for o in n.output:
             v = values.get(o)
@@ -137,7 +161,7 @@ def audit_graph(path: str | Path, seq: int = 128) -> dict[str, Any]:
                 continue
             dtype = zp_type(n) if n.op_type == "QuantizeLinear" else _DTYPE.get(v.dtype, str(v.dtype))
             act[dtype] += v.size if dtype in ("int8", "fp8") else v.nbytes
-            if dtype == "fp32" and n.domain != "nvembed" and _in_island(n) is None:
+            if dtype == "fp32" and n.domain != "nvembed" and _in_island(n, scores) is None:
                 outside.append(f"{o} ({n.op_type}, {_scope(n)[-60:]})")
 
     def share(d: dict[str, float]) -> dict[str, float]:

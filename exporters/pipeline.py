@@ -40,7 +40,7 @@ def _onnx_source(model: str | Path) -> dict[str, Any] | None:
 def check_export(to: str, precision: str, model: str | Path | None = None, runtime: str | None = None,
                  target: str = "datacenter", strongly_typed: bool | None = None, opset: int | None = None,
                  calibration: str | Path | None = None, calibration_size: int | None = None,
-                 max_length: int | None = None) -> Plan:
+                 max_length: int | None = None, fp8_attention: bool | None = None) -> Plan:
     """Every check that needs neither a model nor TensorRT; returns the plan. Instant."""
     from nvembed_sdk.errors import InputError, fmt
     from nvembed_sdk.validate import check_export_sizes, check_opset
@@ -54,6 +54,10 @@ def check_export(to: str, precision: str, model: str | Path | None = None, runti
     if not quantised and (calibration is not None or calibration_size is not None):
         raise InputError(fmt("--calibration/--calibration-size", f"--precision {precision}",
                              "calibration is for int8/fp8 exports from a checkpoint; drop it"))
+    if fp8_attention and not (plan.onnx_precision == "fp8" and source is None):
+        got = "an ONNX bundle as --model" if source is not None else f"--precision {precision} --runtime {plan.runtime}"
+        raise InputError(fmt("--fp8-attention", got, "FP8 attention BMMs are for --precision fp8 graphs for "
+                             "TensorRT (--runtime tensorrt) exported from a checkpoint"))
     return plan
 
 
@@ -125,7 +129,7 @@ def export(
     from nvembed_sdk.exporters.staging import check_target, staged_output
 
     plan = check_export(to, precision, model, runtime, target, strongly_typed, opset, calibration, calibration_size,
-                        max_length)
+                        max_length, fp8_attention)
     if Path(output).resolve() == Path(model).resolve():
         raise InputError(fmt("--output", str(output), "a directory other than the --model it is exported from"))
     check_target(output, overwrite)  # a foreign or existing target is refused before any slow work

@@ -514,15 +514,21 @@ def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: flo
         log.warning("simulated %s min cosine %.4f < %.4f; costliest projections: %s", precision, simulated, target,
                     ", ".join(f"{r['projection']} (+{r['gain']:.4f})" for r in ranking[:5]))
         if fallback:
-            keep, _ = sm.choose_fallback(torch_model, hard, hard_ref, amax, precision, ranking, target)
-            cos = sm.min_cosine(sm.simulate(torch_model, probe, amax, precision, set(keep)), reference)
-            if keep:
-                log.warning("fallback: keeping %s in high precision (simulated min cosine %.4f)", ", ".join(keep), cos)
-                out.update(keep=keep, simulated=round(cos, 5))
+            # Ranked on the hard batches (n simulations, cheap), chosen on the whole probe (a prefix
+            # that meets the target there, by bisection): the kept set holds on all the held-out text.
+            keep, cos = sm.choose_fallback(torch_model, probe, reference, amax, precision, ranking, target)
+            share = 1 - len(keep) / len(names)
+            log.warning("fallback: keeping %d of %d projections in high precision (simulated min cosine %.4f): %s",
+                        len(keep), len(names), cos, ", ".join(keep))
+            if share < 0.75:
+                log.warning("fallback: only %d of %d projections stay %s: this model's error is spread over most of "
+                            "them (see the sensitivity ranking); fp16 may serve it better", len(names) - len(keep),
+                            len(names), precision)
+            out.update(keep=keep, simulated=round(cos, 5))
             out["fallback"] = {"kept_high_precision": keep, "dtype": "high precision (fp16 / fp32 base)",
                                "simulated_min_cosine_all_quantized": round(simulated, 5),
                                "simulated_min_cosine": round(cos, 5), "target": round(target, 5),
-                               "sensitivity": ranking[:10]}
+                               "sensitivity": ranking}  # every projection, costliest first
     out["attention"] = _fp8_attention(torch_model, fit, out, attention)
     out["attention_wanted"], out["probe"], out["reference"] = attention, probe, reference.numpy()
     out["weights"] = [lin.weight.detach().clone() for _, lin in sm.projections(torch_model)]

@@ -62,5 +62,6 @@ if [ "${ENGINES:-1}" = "1" ]; then
   e2=$?
   echo "engine check exit codes: part 1 $e1, part 2 $e2 (5: TensorRT not importable, 124: cut by the timeout)"
   [ "$rc" = "0" ] && [ "$e1" != "0" ] && rc=$e1
+  [ "$rc" = "0" ] && [ "$e2" != "0" ] && rc=$e2  # part 2 failing or cut by its timeout fails the check too
 fi
 exit $rc

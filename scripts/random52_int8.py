@@ -51,9 +51,9 @@ def report(bundle: Path, runtime: str) -> None:
         print(f"simulated with every projection INT8: {fb.get('simulated_min_cosine_all_quantized')}, "
               f"target {fb['target']}")
         print("sensitivity (costliest first):")
-        for r in fb["sensitivity"]:
+        for r in fb["sensitivity"][:10]:
             print(f"  {r['projection']}: min cosine {r['min_cosine_if_kept']:.5f} if kept (+{r['gain']:.5f})")
-        print(f"fallback kept ({fb['dtype']}): {fb['kept_high_precision'] or 'none (target not reachable)'}")
+        print(f"fallback kept ({fb['dtype']}): {len(fb['kept_high_precision'])} of {len(fb['sensitivity'])}: {fb['kept_high_precision']}")
     else:
         print("simulation within target: no fallback, nothing kept")
     if "decoder_gemm_macs" in m.get("graph", {}):

@@ -77,6 +77,36 @@ def test_tensorrt_graph_audit_released_format(trt_bundles, precision):
     assert_tensorrt_graph(trt_bundles[precision], precision)  # >= 95 % of the decoder GEMM MACs quantised
 
 
+def test_audit_reports_fp32_inside_attention_outside_the_score_chain(trt_bundles, tmp_path):
+    """Only the QKᵀ -> scale -> mask add -> softmax chain may be fp32 inside an attention block: an fp32
+    round trip spliced into the RoPE (a Mul in the same attention scope) is reported, not excused."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nvembed_sdk.exporters.audit import _scope, score_chain
+
+    proto = onnx.load(str(trt_bundles["int8"] / "model.onnx"))
+    assert audit_graph(trt_bundles["int8"])["fp32_outside_islands"] == []
+    nodes = list(proto.graph.node)
+    chain = score_chain(nodes)
+    rope = next(n for n in nodes if n.op_type == "Mul" and ".attn'" in _scope(n) and n.output[0] not in chain)
+    out = rope.output[0]
+    up = helper.make_node("Cast", [out], [out + "_f32"], to=TensorProto.FLOAT, name=rope.name + "_up")
+    down = helper.make_node("Cast", [out + "_f32"], [out + "_f16"], to=TensorProto.FLOAT16, name=rope.name + "_down")
+    for n in (up, down):
+        n.metadata_props.extend(rope.metadata_props)  # the same attention scope as the RoPE Mul
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            if name == out:
+                n.input[i] = out + "_f16"
+    at = nodes.index(rope) + 1
+    proto.graph.node.insert(at, down)
+    proto.graph.node.insert(at, up)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    outside = audit_graph(tmp_path / "model.onnx")["fp32_outside_islands"]
+    assert len(outside) == 1 and outside[0].startswith(out + "_f32 (Cast"), outside
+
+
 def test_o_proj_range_widened_towards_v_bound(trt_bundles):
     """The tiny model's held-out text holds a long run of one token: its attention output sits at the
     V scale, far past the o_proj inputs' calibrated range. Widening those ranges towards the V bound
@@ -152,6 +182,19 @@ def test_int8_keeps_budget_with_massive_activations(massive, tmp_path):
     assert_tensorrt_graph(out, "int8", strict_macs=False)
 
 
+def test_int8_for_onnxruntime_keeps_budget_with_massive_activations(massive, tmp_path):
+    """The default INT8 graph (fp32 base, ModelOpt Q/DQ, ONNX Runtime's CPU kernels) on the same checkpoint."""
+    out = export(massive, tmp_path / "int8-ort", to="onnx", precision="int8", calibration_size=64)
+    m = read_manifest(out)
+    assert m["plan"]["runtime"] == "onnxruntime"
+    smoothing = m["quantization"]["smoothing"]["per_layer"]
+    assert smoothing["1.qkv"]["outlier_ratio_after"] < smoothing["1.qkv"]["outlier_ratio_before"] / 3
+    assert m["validation"]["passed"] and m["validation"]["min_cosine"] >= 0.99
+    assert m["validation"]["topk_agreement"] >= 0.9
+    kept = m["quantization"].get("fallback", {}).get("kept_high_precision", [])
+    assert not [k for k in kept if k.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))], kept
+
+
 def test_fp8_smooths_massive_activations_too(massive, tmp_path):
     """FP8 E4M3 has the range for the massive channels but not the resolution beside them under one
     per-tensor scale: the FP8 export smooths on its own grid, as the INT8 one does on INT8's.
@@ -190,6 +233,47 @@ def test_sensitivity_fallback_keeps_fewest_projections(tiny_checkpoint, tmp_path
     assert fb["simulated_min_cosine"] >= fb["target"] == 0.9999
     assert len(q["quantized_matmuls"]) == 14 - len(kept)
     assert m["validation"]["passed"]
+
+
+def test_fallback_keeps_as_many_as_the_target_needs(tiny_checkpoint, tmp_path, monkeypatch):
+    """A target the all-INT8 simulation misses by far (0.99999): the fallback is not capped (it used to give
+    up past a quarter of the projections and keep none); it keeps the shortest costliest-first prefix
+    that meets the target on the whole probe, records it, and the export passes."""
+    from nvembed_sdk.exporters import quantize
+
+    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.00999)
+    out = export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
+                 calibration_size=64)
+    q = read_manifest(out)["quantization"]
+    fb = q["fallback"]
+    kept = fb["kept_high_precision"]
+    assert fb["simulated_min_cosine_all_quantized"] < fb["target"] <= fb["simulated_min_cosine"]
+    assert len(kept) > 14 // 4, kept  # more than the old cap
+    assert kept == [r["projection"] for r in fb["sensitivity"][: len(kept)]]
+    assert len(q["quantized_matmuls"]) == 14 - len(kept)
+    assert read_manifest(out)["validation"]["passed"]
+
+
+def test_budget_miss_fails_with_the_sensitivity_report(tiny_checkpoint, tmp_path, monkeypatch):
+    """Outside the budget with --no-fallback: the error ranks the projections by what keeping each in
+    high precision would recover (the report that replaced the single refusal line), and nothing is kept."""
+    import re
+
+    import nvembed_sdk.exporters.validate as validate
+    from nvembed_sdk import ToleranceExceeded
+    from nvembed_sdk.exporters import quantize
+    from nvembed_sdk.parity import Tolerance
+
+    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.0099)  # the simulation misses its target: ranking made
+    monkeypatch.setattr(validate, "tolerance_for", lambda precision: Tolerance(0.9999999, 1.0))  # validation fails
+    with pytest.raises(ToleranceExceeded) as err:
+        export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
+               calibration_size=64, fallback=False)
+    msg = str(err.value)
+    assert "sensitivity (costliest projections first" in msg, msg
+    ranked = re.findall(r"layers\.\d+\.(?:attn|mlp)\.\w+_proj: min cosine [\d.]+ if kept high precision", msg)
+    assert len(ranked) >= 2, msg
+    assert not (tmp_path / "int8").exists()
 
 
 @pytest.mark.slow

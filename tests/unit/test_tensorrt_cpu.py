@@ -402,15 +402,16 @@ def _fake_trt(version: str, model, calls: list, profiles: list, faults: set, par
     import torch
 
     major = int(version.split(".")[0])
+    at_least_10_16 = tuple(int(x) for x in version.split(".")[:2]) >= (10, 16)  # as strings, "10.3" > "10.16"
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo calls find_spec on it
     trt.__version__ = version
     net_flags = dict(_NET_FLAGS[major])
-    if version >= "10.16" and major == 10:
+    if at_least_10_16 and major == 10:
         net_flags.update(PREFER_JIT_PYTHON_PLUGINS=2, PREFER_AOT_PYTHON_PLUGINS=3)
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", net_flags)
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", _BUILDER_FLAGS[major])
-    trt.DataType = enum.IntEnum("DataType", {**_DTYPES, **({"FP4": 10, "E8M0": 11} if version >= "10.16" else {})})
+    trt.DataType = enum.IntEnum("DataType", {**_DTYPES, **({"FP4": 10, "E8M0": 11} if at_least_10_16 else {})})
     trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", {"LAYER_NAMES_ONLY": 0, "NONE": 1, "DETAILED": 2})
@@ -686,6 +687,9 @@ def test_fake_encodes_the_real_enum_values():
         if version.startswith("10."):
             assert flag == 1 and int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) == 0
             assert {"FP16", "BF16", "INT8", "FP8"} <= set(trt.BuilderFlag.__members__)
+            later = version != "10.3.0"  # plugin flags and FP4/E8M0 came after 10.3 (JetPack 6); 10.16 has them
+            assert hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_JIT_PYTHON_PLUGINS") == later
+            assert hasattr(trt.DataType, "FP4") == later
         else:
             assert flag == 0 and not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
             assert not {"FP16", "BF16", "INT8", "FP8"} & set(trt.BuilderFlag.__members__)
