@@ -79,10 +79,11 @@ def check_finite(vectors: np.ndarray, index: Sequence[int] | np.ndarray, where: 
     bad = ~np.isfinite(vectors).all(axis=1)  # (B,)
     if bad.any():
         rows = sorted(int(i) for i in np.asarray(index)[bad])
+        fix = ("the model's weights or config are corrupt; re-export or re-train it" if " fp32 " in f" {where} " else
+               "the model's weights or config are corrupt or overflow at this precision; "
+               "re-export or re-train it, or try fp32")
         raise ArtifactError(fmt(f"embeddings from {where}", f"NaN/Inf for texts {rows[:10]}"
-                                f"{' ...' if len(rows) > 10 else ''}",
-                                "the model's weights or config are corrupt or overflow at this precision; "
-                                "re-export or re-train it, or try fp32"))
+                                f"{' ...' if len(rows) > 10 else ''}", fix))
 
 
 class Embedder:

@@ -167,8 +167,9 @@ def compare_arrays(
     if n_docs < 2 * k:
         if n_docs // 2 < 1:
             raise InputError(fmt("parity texts", f"{ref.shape[0]} texts",
-                                 f"at least {2 * k + (0 if queries is not None else 1)} for top-{k} agreement "
-                                 "(pass more texts, e.g. omit --texts for the shipped held-out set)"))
+                                 f"at least {2 + (0 if queries is not None else 1)} (top-k is lowered to half "
+                                 f"the documents below {2 * k}; pass more texts, e.g. omit --texts for the "
+                                 "shipped held-out set)"))
         notes.append(f"top-k lowered from {k} to {n_docs // 2}: only {ref.shape[0]} texts "
                      f"(top-{k} of {n_docs} would always agree)")
         k = n_docs // 2

@@ -8,5 +8,5 @@ used, so ``import nvembed_sdk`` (and this package) needs none of them:
 * ``nvembed_sdk.integrations.llamaindex`` (extra ``llamaindex``): ``NVEmbedEmbedding``
 * ``nvembed_sdk.integrations.mteb`` (extra ``mteb``): ``NVEmbedModel``, ``local_retrieval_task``, ``evaluate_mteb``
 
-``pip install 'nvembed-sdk[integrations]'`` installs all four.
+``pip install -e '.[integrations]'`` in the checkout installs all four.
 """

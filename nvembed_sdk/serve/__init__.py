@@ -13,7 +13,7 @@ Modules, each with one job:
   (uvicorn here, Ray Serve elsewhere);
 * :mod:`~nvembed_sdk.serve.server` - the uvicorn launcher (SIGTERM drain).
 
-Needs the ``serve`` extra (``pip install 'nvembed-sdk[serve]'``); nothing here is imported by
+Needs the ``serve`` extra (``pip install -e '.[serve]'`` in the checkout); nothing here is imported by
 ``import nvembed_sdk``.
 """
 

@@ -160,7 +160,7 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--mteb", "use_mteb", is_flag=True,
               help="Score with MTEB 2.x's own retrieval evaluator (offline custom task over the same folder; "
-                   "pip install 'nvembed-sdk[mteb]').")
+                   "pip install -e '.[mteb]' in the checkout).")
 @click.option("--instructions", default=None, type=click.Path(dir_okay=False),
               help="With --mteb: a task -> instruction JSON table like the released instructions.json.")
 @fail_cleanly

@@ -111,6 +111,24 @@ def test_large_files_hashed_on_request(copy, other_bundle, monkeypatch):
     assert res.exit_code == 1 and "model.onnx" in res.output and "sha256" in res.output
 
 
+def test_external_data_is_recorded_and_checked(tiny_checkpoint, tmp_path, monkeypatch):
+    import nvembed_sdk.exporters.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 10_000)  # the > 2 GB layout on the tiny model
+    out = export_onnx(tiny_checkpoint, tmp_path / "ext", validate=False)
+    data = out / "model.onnx.data"
+    assert read_manifest(out)["checksums"]["model.onnx.data"] == {"bytes": data.stat().st_size,
+                                                                  "sha256": sha256_of(data)}
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one weight byte flipped: same size, other model
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.data \| got sha256"):
+        Embedder.load(out)
+    data.write_bytes(bytes(raw[:-4]))
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.data \| got [\d,]+ bytes"):
+        Embedder.load(out)
+
+
 def test_info_verify_passes_on_a_good_bundle(bundle):
     res = CliRunner().invoke(main, ["info", str(bundle), "--verify"])
     assert res.exit_code == 0 and "OK: 4 files, sizes and sha256 match" in res.output, res.output

@@ -74,7 +74,7 @@ REEXPORT_PHASES = ["model-written", "validating", "validated", "exchanged", "asi
 # Each phase is one more export process (10-40 s on a busy 2-core box). By default a re-export is
 # killed on both sides of the manifest write (model-written, validating) and of the final swap
 # (validated, exchanged); the fallback two-rename path and the other fresh phases run with -m slow.
-FAST_FRESH, FAST_REEXPORT = {"validated"}, {"model-written", "validating", "validated", "exchanged"}
+FAST_FRESH, FAST_REEXPORT = {"validating", "validated"}, {"model-written", "validating", "validated", "exchanged"}
 
 
 def _tiered(phases: list[str], fast: set[str]) -> list:
