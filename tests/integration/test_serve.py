@@ -123,8 +123,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _post(url: str, payload: object, key: str | None = None, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def _post(url: str, payload: object, key: str | None = None, headers: dict | None = None, **kw) -> httpx.Response:
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
     if isinstance(payload, (bytes, str)):
         return httpx.post(url + "/v1/embeddings", content=payload, headers={**headers, "Content-Type": "application/json"},
                           timeout=60, **kw)
@@ -186,7 +186,7 @@ def test_langchain_nvidia_embeddings_matches_embedder(plain, embedder):
 
 def test_input_forms_and_usage(plain, embedder):
     text = embedder.text
-    one = _post(plain.url, {"input": DOCS[0], "model": NAME})
+    one = _post(plain.url, {"input": DOCS[0], "model": NAME, "user": "user-1234"})  # `user` accepted, ignored
     assert len(one.json()["data"]) == 1
     assert _cos(_vectors(one), embedder.embed_documents(DOCS[0])).min() >= COS
     resp = _post(plain.url, {"input": DOCS})
@@ -322,7 +322,12 @@ def test_queue_full_gives_429_with_retry_after_then_clears(guarded):
     assert _post(guarded.url, big, key=KEY).status_code == 200  # and it clears
     assert guarded.state.batcher.queued_tokens == 0
     err = _assert_envelope(_post(guarded.url, {"input": ["apt " * 240] * 40}, key=KEY), 413)
-    assert err["code"] in ("request_too_large", "body_too_large")
+    assert err["code"] == "body_too_large"  # 38 kB over the 20 kB body limit
+    # under the body limit (compact token ids, ~17 kB) but 8,320 tokens > the 8,192-token queue
+    ids = json.dumps({"input": [[1] * 130] * 64}, separators=(",", ":")).encode()
+    assert len(ids) < 20_000
+    err = _assert_envelope(_post(guarded.url, ids, key=KEY), 413)
+    assert err["code"] == "request_too_large" and "8320" in err["message"]
 
 
 @pytest.mark.parametrize(("body", "status"), [
@@ -333,6 +338,12 @@ def test_queue_full_gives_429_with_retry_after_then_clears(guarded):
     (b'{"input": "x", "dimensions": 0}', 422), (b'{"input": "x", "input_type": "doc"}', 422),
     (b'{"input": "x", "model": "other"}', 404), (b'{"input": "x", "dimensions": "8"}', 422),
     (b'{"input": [1.5]}', 422), (b'\xff\xfe', 400), (b'{"input": {"a": 1}}', 422),
+    # an instruction whose last word merges with the text leaves nothing to pool (was a 500)
+    (b'{"input": "y", "instruction": "Instruct: especiall"}', 400),
+    # an instruction longer than the model: END/START truncation would pool nothing (was 200 + NaN)
+    (b'{"input": "x", "truncate": "END", "instruction": "' + b"word " * 600 + b'"}', 400),
+    (b'{"input": "x", "truncate": "START", "instruction": "' + b"word " * 600 + b'"}', 400),
+    (b'{"input": "x", "truncate": "END", "input_type": "query", "task": "' + b"t " * 600 + b'"}', 400),
 ])
 def test_malformed_payloads_get_the_envelope_never_500(plain, body, status):
     _assert_envelope(_post(plain.url, body), status)
@@ -359,6 +370,12 @@ def test_health_models_metrics(plain):
                    "nvembed_tokenize_seconds", "nvembed_forward_seconds", "nvembed_request_seconds"):
         assert any(n == needed or n == needed + "_total" for n in names), (needed, names)
     assert re.search(r'^nvembed_requests_total\{code="200"\} [1-9]', text, re.M)
+    # CORS off by default: no Access-Control-* header on a cross-origin request or a preflight
+    cross = _post(plain.url, {"input": "x"}, headers={"Origin": "http://elsewhere.example"})
+    pre = httpx.options(plain.url + "/v1/embeddings", headers={"Origin": "http://elsewhere.example",
+                                                                "Access-Control-Request-Method": "POST"})
+    assert cross.status_code == 200 and pre.status_code != 200
+    assert not [h for r in (cross, pre) for h in r.headers if h.lower().startswith("access-control-")]
 
 
 def test_not_ready_before_warmup_and_factory_loading(embedder):
@@ -378,6 +395,9 @@ def test_not_ready_before_warmup_and_factory_loading(embedder):
             gate.wait(30)
             return self.inner.run(batch)
 
+        def close(self):  # the app closes what a factory made; the shared runner stays open
+            pass
+
     def factory():
         return Embedder(SlowRun(embedder.runner), embedder.text)
 
@@ -395,9 +415,94 @@ def test_not_ready_before_warmup_and_factory_loading(embedder):
         _assert_envelope(_post(srv.url, {"input": "x"}), 503)
         gate.set()
         _wait_ready(srv.url, 30)
+        srv.state.begin_drain()  # what SIGTERM does first: readiness false, nothing new admitted
+        r = httpx.get(srv.url + "/health/ready", timeout=5)
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        assert httpx.get(srv.url + "/health/live", timeout=5).status_code == 200
+        err = _assert_envelope(_post(srv.url, {"input": "x"}), 503)
+        assert err["code"] == "not_ready" and "draining" in err["message"]
     finally:
         gate.set()
         srv.__exit__()
+
+
+def test_client_disconnect_drops_its_queued_texts(embedder):
+    """A client that goes away while its texts wait in the queue: they leave it and never run."""
+    from nvembed_sdk.serve import ServeSettings, create_app
+
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
+    batch_rows: list[int] = []
+
+    class GatedRun:  # once `hold` is set, the next forward pass waits for `release`
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def run(self, batch):
+            batch_rows.append(len(batch.input_ids))
+            if hold.is_set():
+                entered.set()
+                release.wait(30)
+            return self.inner.run(batch)
+
+        def close(self):
+            pass
+
+    app = create_app(lambda: Embedder(GatedRun(embedder.runner), embedder.text),
+                     ServeSettings(served_model_name=NAME, access_log=False))
+    try:
+        with ThreadServer(app) as srv, ThreadPoolExecutor(1) as pool:
+            batcher = srv.state.batcher
+            hold.set()
+            first = pool.submit(_post, srv.url, {"input": DOCS[0]})  # holds the worker
+            assert entered.wait(30)
+            busy = batcher.queued_tokens  # the running batch's tokens
+            gone = [f"dropped text {i} " * 10 for i in range(5)]
+            body = json.dumps({"input": gone}).encode()
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 30
+            while batcher.queued_tokens == busy and time.time() < deadline:  # wait until it is admitted
+                time.sleep(0.02)
+            assert batcher.queued_tokens > busy
+            sock.close()  # the client goes away while its texts wait
+            while batcher.queued_tokens != busy and time.time() < deadline:
+                time.sleep(0.02)
+            assert batcher.queued_tokens == busy  # its tokens left the queue at once
+            hold.clear()
+            release.set()
+            assert first.result().status_code == 200
+            assert _post(srv.url, {"input": DOCS[1]}).status_code == 200
+            metrics = httpx.get(srv.url + "/metrics").text
+        assert 5 not in batch_rows  # the dropped request's texts never ran
+        assert batch_rows[-2:] == [1, 1] and batcher.queued_tokens == 0
+        assert re.search(r'^nvembed_rejected_total\{reason="client_gone"\} 1\.0', metrics, re.M), metrics
+    finally:
+        release.set()
+
+
+def test_access_log_is_json_without_texts(embedder, caplog):
+    import logging
+
+    from nvembed_sdk.serve import ServeSettings, create_app
+
+    secret = "zebra-secret-text-9731"
+    app = create_app(embedder, ServeSettings(served_model_name=NAME))  # access_log on: the default
+    with caplog.at_level(logging.INFO, logger="nvembed_sdk.serve.access"), ThreadServer(app) as srv:
+        assert _post(srv.url, {"input": [secret, secret + " again"]}).status_code == 200
+        assert _post(srv.url, {"input": secret, "model": "other"}).status_code == 404
+        httpx.get(srv.url + "/health/live")
+    lines = [r.getMessage() for r in caplog.records if r.name == "nvembed_sdk.serve.access"]
+    assert not [m for r in caplog.records if secret in (m := r.getMessage())], "a log line holds the texts"
+    entries = [json.loads(line) for line in lines]
+    posts = [e for e in entries if e["path"] == "/v1/embeddings"]
+    assert [e["status"] for e in posts] == [200, 404], entries
+    assert posts[0]["inputs"] == 2 and posts[0]["tokens"] > 0 and posts[0]["method"] == "POST"
+    assert isinstance(posts[0]["ms"], float) and posts[0]["client"] == "127.0.0.1"
+    assert any(e["path"] == "/health/live" and e["status"] == 200 for e in entries)
 
 
 def test_sigterm_drains_admitted_requests_and_refuses_after_not_ready(tmp_path):

@@ -145,3 +145,11 @@ def test_settings_validate_and_read_key(tmp_path):
     s = ServeSettings().with_api_key_file(tmp_path / "k")
     assert s.api_key == "secret" and "secret" not in repr(s)
     assert ServeSettings().host == "127.0.0.1"
+
+
+def test_cli_binds_loopback_and_leaves_cors_off_by_default():
+    from nvembed_sdk.cli_serve import serve
+
+    got = serve.make_context("serve", ["some-artifact"]).params  # parsed, nothing run
+    assert got["host"] == "127.0.0.1" and got["cors_origins"] == () and got["api_key_file"] is None
+    assert ServeSettings().cors_origins == () and ServeSettings().api_key is None
