@@ -79,6 +79,8 @@ def test_local_job_equals_embed_and_resumes_only_missing_parts(tmp_path, tiny_ch
     assert tokens.tolist() == [len(t) for t in text.tokenize([r["text"] for r in ROWS])]
     meta = read_meta(part_path(tmp_path / "out", 0))
     assert meta["precision"] == "fp32" and len(meta["artifact_sha256"]) == 64 and meta["dim"] == vecs.shape[1]
+    schema = pq.read_schema(part_path(tmp_path / "out", 0))
+    assert schema.names == ["id", "vector", "tokens"] and schema.field("vector").type.value_type == pa.float32()
 
     # A lost part (as a kill before its rename leaves it) is the only one embedded again.
     kept = part_path(tmp_path / "out", 0).stat().st_ino
@@ -136,6 +138,18 @@ def test_worker_resources_leave_room_for_the_tokenise_stage():
         worker_resources({"CPU": 2}, 2, 0, 1.0, 0.25)
     with pytest.raises(InputError, match="GPUs"):
         worker_resources({"CPU": 8, "GPU": 1}, 2, 1, None, 0.25)
+
+
+def test_model_batch_is_the_engine_profiles_opt_batch():
+    from types import SimpleNamespace
+
+    from nvembed_sdk.corpus.job import default_batch_size
+
+    engine = SimpleNamespace(manifest={"tensorrt": {"profiles": [{"min": [1, 16], "opt": [8, 128], "max": [32, 512]},
+                                                                 {"min": [1, 16], "opt": [4, 512], "max": [8, 1024]}]}})
+    assert default_batch_size(engine, None) == 8  # the first profile's opt batch
+    assert default_batch_size(engine, 5) == 5  # --batch-size wins
+    assert default_batch_size(SimpleNamespace(manifest={}), None) == 32  # checkpoints, ONNX bundles
 
 
 def test_cli_embed_corpus_local(tmp_path, tiny_checkpoint):
