@@ -145,8 +145,16 @@ def _build() -> None:
         ``NVEmbedModule`` class reference resolves to this package's class (every other one is
         checked by sentence-transformers as usual); ``precision`` int8/uint8 use the ranges
         stored with the model (``embedding_output.json``), never the batch's; ``truncate_dim``
-        must be a width the model declares.
+        must be a width the model declares; ``device`` is where the artifact runs (the module
+        holds no torch parameters for ``.to()`` to move, so it reaches ``NVEmbedModule.load``
+        as ``model_kwargs["device"]`` unless that is set).
         """
+
+        def __init__(self, model_name_or_path: str | Path | None = None, *, device: Any = None,
+                     model_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if device is not None and "device" not in (model_kwargs or {}):
+                model_kwargs = {**(model_kwargs or {}), "device": str(device)}
+            super().__init__(model_name_or_path, device=device, model_kwargs=model_kwargs, **kwargs)
 
         def _load_module_class_from_ref(self, class_ref: str, *args: Any, **kwargs: Any) -> type:
             if class_ref == MODULE_REF:

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub client is importe
 
 from conftest import DATA, assert_close_cos  # noqa: E402
 
-pytest.importorskip("onnxruntime", reason="the ONNX bundle half needs onnxruntime (pip install 'nvembed-sdk[onnx]')")
+pytest.importorskip("onnxruntime", reason="the ONNX bundle half needs onnxruntime (pip install -e '.[onnx]' in the checkout)")
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "nvembed-debian-small"
 COS = 0.99999
@@ -179,6 +179,26 @@ def test_st_loads_a_checkpoint_this_sdk_wrote_and_round_trips(tiny_checkpoint, s
     assert via[0].embedder.backend == "onnxruntime"
 
 
+def test_st_device_reaches_the_artifact(tiny_checkpoint, monkeypatch):
+    """`device=` picks where the Embedder runs (the module has no parameters for `.to()` to move);
+    model_kwargs['device'] wins when both are given."""
+    pytest.importorskip("sentence_transformers", minversion="6.0")
+    from nvembed_sdk import Embedder
+    from nvembed_sdk.integrations.sentence_transformers import NVEmbedSentenceTransformer
+
+    seen: list[str | None] = []
+    real = Embedder.load.__func__
+
+    def load(cls, path, backend=None, device=None, **kw):
+        seen.append(device)
+        return real(cls, path, backend=backend, device="cpu", **kw)  # this machine may have no GPU
+
+    monkeypatch.setattr(Embedder, "load", classmethod(load))
+    NVEmbedSentenceTransformer(str(tiny_checkpoint), device="cpu")
+    NVEmbedSentenceTransformer(str(tiny_checkpoint), device="cpu", model_kwargs={"device": "cuda:1"})
+    assert seen == ["cpu", "cuda:1"]
+
+
 # ---- LangChain / LlamaIndex --------------------------------------------------------------------
 
 
@@ -238,6 +258,14 @@ def test_mteb_encoder_matches_embedder(artifact, reference):
     assert_close_cos(model.encode(batches, prompt_type=PromptType.document, **kw), reference["d"], COS)
     assert_close_cos(model.encode([{"text": QUERIES}], prompt_type=PromptType.query, **kw), reference["q"], COS)
     assert model.mteb_model_meta.embed_dim == reference["d"].shape[1]
+    # The dev folder's instruction.txt is TASK too, so the table must also be shown to win over the task's prompt.
+    from nvembed_sdk.embedder import DEFAULT_TASK
+
+    assert meta.prompt == {"query": TASK, "document": ""}
+    model.instructions = {"DebPkg": {"query": DEFAULT_TASK, "corpus": ""}}
+    assert_close_cos(model.encode([{"text": QUERIES}], prompt_type=PromptType.query, **kw), reference["q_default"], COS)
+    model.instructions = {}  # no table entry: the task's own prompt (instruction.txt)
+    assert_close_cos(model.encode([{"text": QUERIES}], prompt_type=PromptType.query, **kw), reference["q"], COS)
 
 
 def test_mteb_ndcg_equals_nvembed_eval(shipped):
