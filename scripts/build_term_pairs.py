@@ -79,7 +79,8 @@ def one_per_source(packages: list[dict]) -> list[dict]:
     return out
 
 
-def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int) -> tuple[list[dict], dict[str, int]]:
+def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int,
+          terms_per_source: int = 1) -> tuple[list[dict], dict[str, int]]:
     rng = random.Random(seed)
     packages = list(read_jsonl(train_dir / "debian-packages.jsonl.gz"))
     firsts = one_per_source(packages)
@@ -96,8 +97,12 @@ def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int) -> tupl
     term_pairs = []
     for r in firsts:
         cands = sorted(t for t in terms_of[r["source"]] if df[t] <= max_df and t.lower() != r["source"].lower())
-        if cands:
-            term_pairs.append(pair(rng.choice(cands), r["positive"], TERM_TASK, "src:" + r["source"], "term"))
+        if not cands:
+            continue
+        # One term per source (stage 1e) draws with choice(); more (stage 1f) with sample(): the
+        # one-term output stays byte-identical to the file stage 1e trained on.
+        picked = [rng.choice(cands)] if terms_per_source == 1 else rng.sample(cands, min(terms_per_source, len(cands)))
+        term_pairs += [pair(t, r["positive"], TERM_TASK, "src:" + r["source"], "term") for t in picked]
     kinds["term"] = term_pairs
 
     lemmas = [r for r in read_jsonl(train_dir / "wordnet.jsonl.gz") if r.get("type") == "lemma_to_gloss"]
@@ -124,11 +129,19 @@ def main() -> None:
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--per-kind", type=int, default=12000, help="pairs drawn per kind (summary: twice this)")
     ap.add_argument("--max-df", type=int, default=30, help="a cut term occurs in at most this many descriptions")
+    ap.add_argument("--terms-per-source", type=int, default=1, help="technical terms cut per description")
+    ap.add_argument("--cap", action="append", default=[], metavar="KIND=N",
+                    help="override one kind's cap, e.g. --cap term=30000 (repeatable)")
     ap.add_argument("--seed", type=int, default=6)
     a = ap.parse_args()
     caps = {"name": a.per_kind, "term": a.per_kind, "lemma": a.per_kind, "summary": 2 * a.per_kind,
             "question": a.per_kind // 2}
-    rows, counts = build(a.train_dir, caps, a.max_df, a.seed)
+    for item in a.cap:
+        kind, _, n = item.partition("=")
+        if kind not in caps or not n.isdigit():
+            ap.error(f"--cap {item!r}: expected KIND=N with KIND one of {', '.join(caps)}")
+        caps[kind] = int(n)
+    rows, counts = build(a.train_dir, caps, a.max_df, a.seed, a.terms_per_source)
     write_jsonl(a.output, rows)  # staged, gzip without name or time: reproducible bytes
     print(json.dumps({"output": str(a.output), "pairs": len(rows), "by_kind": counts}, indent=1))
 

@@ -84,10 +84,11 @@ class BM25Teacher(Teacher):
 class DenseTeacher(Teacher):
     """Cosine scores of an embedding function ``embed(texts, prefix) -> (N, D)`` (normalised)."""
 
-    def __init__(self, embed_fn: Any, name: str, batch_size: int = 64) -> None:
+    def __init__(self, embed_fn: Any, name: str, batch_size: int = 64, show_progress: bool = True) -> None:
         self.embed_fn = embed_fn
         self.name = name
         self.batch_size = batch_size
+        self.show_progress = show_progress
 
     def _embed(self, texts: Sequence[str], prefixes: Sequence[str]) -> np.ndarray:
         out: np.ndarray | None = None
@@ -102,8 +103,17 @@ class DenseTeacher(Teacher):
         assert out is not None
         return out
 
-    def index(self, docs: Sequence[str], prefixes: Sequence[str]) -> None:
-        self.doc_emb = self._embed(docs, prefixes)  # (P, D)
+    def index(self, docs: Sequence[str], prefixes: Sequence[str], chunk: int = 2048) -> None:
+        """Embed the candidate pool, ``chunk`` documents at a time so a long pool shows progress
+        (``show_progress``: a pool of 60,000 descriptions takes minutes on a CPU)."""
+        from tqdm.auto import tqdm
+
+        parts = []
+        with tqdm(total=len(docs), desc=f"index ({self.name})", unit="doc", disable=not self.show_progress) as bar:
+            for lo in range(0, len(docs), chunk):
+                parts.append(self._embed(docs[lo : lo + chunk], prefixes[lo : lo + chunk]))
+                bar.update(len(parts[-1]))
+        self.doc_emb = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)  # (P, D)
 
     def scores(self, queries: Sequence[str], prefixes: Sequence[str]) -> np.ndarray:
         return self._embed(queries, prefixes) @ self.doc_emb.T  # (Q, P)

@@ -130,6 +130,13 @@ def test_dense_teachers_nvembed_artifact_and_hf_encoder(tmp_path, tiny_checkpoin
     assert isinstance(teacher, DenseTeacher) and teacher.name.startswith("nvembed:")
     recs = mine_hard_negatives(examples, teacher, num_negatives=2, margin=10.0, show_progress=False)
     assert all(len(r["negatives"]) == 2 and len(r["teacher_scores"]) == 3 for r in recs)
+    # The pool is embedded in chunks (for a progress bar): same rows, in order, as one pass.
+    docs = [e.positive for e in examples]
+    teacher.show_progress = False
+    teacher.index(docs, ["", "x", "", "x"], chunk=3)
+    chunked = teacher.doc_emb
+    teacher.index(docs, ["", "x", "", "x"], chunk=4096)
+    np.testing.assert_allclose(chunked, teacher.doc_emb, atol=1e-5)
 
     # A tiny random BERT written locally stands in for all-MiniLM-L6-v2 (no download).
     from transformers import BertConfig, BertModel, BertTokenizerFast
