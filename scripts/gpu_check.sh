@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh            # all of tests/gpu
 #   bash scripts/gpu_check.sh -k fp16    # extra pytest arguments pass through
 #   ENGINES=0 bash scripts/gpu_check.sh  # skip the engine check (scripts/gpu_engines.py)
+#   GPU_BUNDLES=DIR bash scripts/gpu_check.sh  # reuse bundles from `gpu_engines.py --part prepare --out DIR`
 #
 # Prints the machine (nvidia-smi, torch, CUDA, TensorRT, ONNX Runtime providers), then runs
 # `pytest -m gpu tests/gpu -rs`: every skipped test is listed with its reason at the end, so a
@@ -53,7 +54,12 @@ rc=$?
 # the engine inspector's per-layer precisions, parity at odd batch sizes, a rejected timing cache,
 # build time / plan size / memory / texts/s at 32x128 and 8x512 for the shipped model, then the
 # NV-Embed-v2 shape with 2 layers. Sized for <= 5 min in all on one H100/H200 (part 2 is cut at 100 s).
+# GPU_BUNDLES=DIR: part 1's ONNX bundles exported ahead on any machine
+# (`python scripts/gpu_engines.py --part prepare --out DIR`): copied in, so part 1 only builds engines.
 if [ "${ENGINES:-1}" = "1" ]; then
+  if [ -n "${GPU_BUNDLES:-}" ]; then
+    mkdir -p "${OUT:-/tmp/nvembed-gpu}" && cp -r "$GPU_BUNDLES"/onnx-* "${OUT:-/tmp/nvembed-gpu}"/
+  fi
   echo "== scripts/gpu_engines.py --part 1"
   PYTHONUNBUFFERED=1 timeout 120 python scripts/gpu_engines.py --part 1 --out "${OUT:-/tmp/nvembed-gpu}"
   e1=$?

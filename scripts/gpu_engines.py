@@ -13,6 +13,7 @@ Part 2, the NV-Embed-v2 shape (hidden 4096, 32 heads / 8 KV heads, MLP 14336, 51
 engines, texts/s and per-row cosine vs fp32 PyTorch.
 
     python scripts/gpu_engines.py [--part 1|2|all] [--layers 2] [--out /tmp/nvembed-gpu]
+    python scripts/gpu_engines.py --part prepare --out shared/gpu-bundles   # CPU: export part 1's bundles ahead
 """
 
 from __future__ import annotations
@@ -97,22 +98,48 @@ def parity(checkpoint: Path, bundle: Path, texts: list[str]) -> float:
         return min(worst, float((a * b).sum(-1).min()))
 
 
+BUNDLE_KINDS = {"fp32": dict(precision="fp32"), "fp16": dict(precision="fp16"),
+                "int8-ort": dict(precision="int8", runtime="onnxruntime"),
+                "int8-trt": dict(precision="int8", runtime="tensorrt"),
+                "fp8-trt": dict(precision="fp8", runtime="tensorrt")}
+
+
+def shipped_bundle(out: Path, name: str) -> Path:
+    """``out/onnx-NAME``: exported here unless an earlier ``--part prepare`` (any machine, no GPU) left it.
+
+    The three quantised exports calibrate on the CPU (about 30-90 s each on 2 cores): preparing them
+    before a device session keeps part 1 inside its time. Exported without validation: part 1 checks
+    the engines built from them against fp32 PyTorch itself.
+    """
+    from nvembed_sdk.exporters.pipeline import export
+    from nvembed_sdk.manifest import read_manifest
+
+    path = out / f"onnx-{name}"
+    if (path / "manifest.json").is_file() and read_manifest(path).get("precision") == BUNDLE_KINDS[name]["precision"]:
+        return path
+    return export(SHIPPED, path, to="onnx", calibration_size=128, validate=False, overwrite=True,
+                  **BUNDLE_KINDS[name])
+
+
+def prepare(out: Path) -> bool:
+    for name in BUNDLE_KINDS:
+        t0 = time.perf_counter()
+        log(f"  prepared {shipped_bundle(out, name)} in {time.perf_counter() - t0:.1f} s")
+    return True
+
+
 def part1(out: Path) -> bool:
     import tensorrt as trt
 
-    from nvembed_sdk.exporters.pipeline import export
     from nvembed_sdk.textsets import default_texts
 
     log(f"== part 1: {SHIPPED.name}, TensorRT {trt.__version__}, {torch.cuda.get_device_name()}")
     texts = default_texts("validation")[:16]
     ok = True
     bundles = {}
-    for name, kw in {"fp32": dict(precision="fp32"), "fp16": dict(precision="fp16"),
-                     "int8-ort": dict(precision="int8", runtime="onnxruntime"),
-                     "int8-trt": dict(precision="int8", runtime="tensorrt"),
-                     "fp8-trt": dict(precision="fp8", runtime="tensorrt")}.items():
+    for name in BUNDLE_KINDS:
         t0 = time.perf_counter()
-        bundles[name] = export(SHIPPED, out / f"onnx-{name}", to="onnx", calibration_size=128, **kw)
+        bundles[name] = shipped_bundle(out, name)
         network = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network(0)
         parser = trt.OnnxParser(network, trt.Logger(trt.Logger.WARNING))
         parsed = parser.parse_from_file(str(bundles[name] / "model.onnx"))
@@ -202,10 +229,16 @@ def part2(out: Path, layers: int) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="all", choices=["1", "2", "all"])
+    ap.add_argument("--part", default="all", choices=["1", "2", "all", "prepare"],
+                    help="prepare: only export part 1's ONNX bundles into --out (no GPU or TensorRT needed)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.part == "prepare":
+        if not args.out:
+            ap.error("--part prepare needs --out (the folder part 1 will read)")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        raise SystemExit(0 if prepare(Path(args.out)) else 1)
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:

@@ -18,7 +18,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub client is imported: nothing may download
 
-from conftest import DATA, assert_close_cos  # noqa: E402
+from conftest import DATA, assert_close_cos, needs_shared  # noqa: E402
 
 pytest.importorskip("onnxruntime", reason="the ONNX bundle half needs onnxruntime (pip install -e '.[onnx]' in the checkout)")
 
@@ -251,6 +251,7 @@ def test_mteb_encoder_matches_embedder(artifact, reference):
 
     from nvembed_sdk.integrations.mteb import NVEmbedModel, local_retrieval_task
 
+    needs_shared(DATA / "dev" / "debpkg")  # the task's metadata comes from the dev folder
     model = NVEmbedModel(artifact, instructions={"DebPkg": {"query": TASK, "corpus": ""}}, device="cpu")
     meta = local_retrieval_task(DATA / "dev" / "debpkg", name="DebPkg", max_queries=2, max_corpus=4).metadata
     batches = [{"text": DOCS[:2]}, {"text": DOCS[2:]}]  # what a DataLoader yields
@@ -297,6 +298,7 @@ def test_readme_integration_snippets_run(shipped):
     """Every Python block of the README's Integrations section runs as written (from the repo root)."""
     for pkg in ("sentence_transformers", "langchain_core", "llama_index.core", "mteb"):
         pytest.importorskip(pkg)
+    needs_shared(DATA / "dev" / "debpkg")  # the MTEB snippet evaluates the shipped dev set
     import re
     import subprocess
     import sys

@@ -181,6 +181,22 @@ def test_langchain_nvidia_embeddings_matches_embedder(plain, embedder):
     assert auto.model == NAME
 
 
+def test_llamaindex_nvidia_embedding_matches_embedder(plain, embedder):
+    """LlamaIndex's NVIDIAEmbedding, unchanged, pointed at the local server.
+
+    llama-index-embeddings-nvidia (0.6) sends ``input_type: "passage"`` for queries too, so the server
+    answers its queries as passages, exactly as it asked (the body's input_type wins over a model-name
+    suffix); batches of ``embed_batch_size`` texts arrive as one request each.
+    """
+    li = pytest.importorskip("llama_index.embeddings.nvidia", reason="pip install -e '.[serve-test]'")
+    emb = li.NVIDIAEmbedding(base_url=plain.url + "/v1", model=NAME, truncate="END", embed_batch_size=3)
+    q = np.array(emb.get_query_embedding(QUERIES[0]), dtype=np.float32)
+    d = np.array(emb.get_text_embedding_batch(DOCS), dtype=np.float32)
+    assert len(DOCS) > 3 and d.shape == (len(DOCS), embedder.dim)  # more than one request, reassembled in order
+    assert _cos(q, embedder.embed_documents(QUERIES[0])).min() >= COS
+    assert _cos(d, embedder.embed_documents(DOCS)).min() >= COS
+
+
 # ---- input forms, usage, batching ---------------------------------------------------------------
 
 
