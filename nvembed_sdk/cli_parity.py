@@ -11,6 +11,15 @@ import click
 from nvembed_sdk.cli import fail_cleanly
 
 
+def _write_json(path: str, obj: object, what: str) -> None:
+    """Write ``obj`` as JSON through a temp file renamed into place; a full or read-only disk names ``path``."""
+    from nvembed_sdk.checkpoint import _atomic_write_bytes
+    from nvembed_sdk.errors import writing
+
+    with writing(path, what):
+        _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
 @click.command("parity")
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
@@ -48,7 +57,7 @@ def parity(reference: str, candidate: str, texts_file: str | None, instruction: 
     report = compare(reference, cand, texts=texts, instruction=instruction, min_cosine=min_cosine)
     click.echo(str(report))
     if json_out:
-        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _write_json(json_out, report.to_dict(), "parity report")
     sys.exit(0 if report else 1)
 
 
@@ -86,4 +95,4 @@ def bench(artifacts: tuple[str, ...], texts_file: str | None, batch_size: int, m
                         device=device, options={"precision": precision, "intra_op_num_threads": threads})
     click.echo(format_results(results))
     if json_out:
-        Path(json_out).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n", encoding="utf-8")
+        _write_json(json_out, [r.to_dict() for r in results], "bench results")

@@ -289,6 +289,20 @@ def test_export_to_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tiny_
     assert f"writing bundle {ro / 'bundle'}" in line and "EROFS" in line and "read-only" in line
 
 
+def test_parity_json_on_a_full_disk_names_the_report_and_leaves_nothing(tiny_checkpoint, small_fs, tmp_path):
+    full = small_fs("8k")
+    (full / "filler").write_bytes(b"x" * 8192)  # the disk is now full
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text number {i} about packages" for i in range(24)) + "\n")
+    report = full / "report.json"
+    res = CliRunner().invoke(main, ["parity", str(tiny_checkpoint), str(tiny_checkpoint), "--texts", str(texts),
+                                    "--json", str(report)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    line = res.output.splitlines()[-1]  # the report itself was printed first
+    assert line.startswith("error: ") and f"writing parity report {report}" in line and "ENOSPC" in line, line
+    assert _entries(full) == ["filler"]  # no report, no temp file
+
+
 def test_export_output_under_a_regular_file_names_it(tiny_checkpoint, tmp_path):
     regular = tmp_path / "notes.txt"
     regular.write_text("mine")
