@@ -86,9 +86,10 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
     cfg = TrainConfig.from_file(config, overrides)
     run(cfg, resume=resume, stop_after_steps=stop_after_steps, log=_echo, overwrite=overwrite)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: close the process group cleanly
-        from nvembed_sdk.train.dist import shutdown_dist
+        from nvembed_sdk.train.dist import exit_rank, shutdown_dist
 
         shutdown_dist()
+        exit_rank()
 
 
 @click.command("mine")

@@ -74,4 +74,24 @@ def shutdown_dist() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["Dist", "setup_dist", "shutdown_dist"]
+def exit_rank(code: int = 0) -> None:
+    """End a finished torchrun rank now, skipping the interpreter's teardown.
+
+    Even after :func:`shutdown_dist`, a gloo rank can still abort while the interpreter tears down
+    torch's C++ state ("terminate called without an active exception", exit -6: seen in CI after a
+    run that had written its final model), and torchrun then reports the whole job failed. Everything
+    the run writes is on disk and renamed into place by now, so the rank flushes its streams and
+    logging and leaves with ``os._exit``.
+    """
+    import contextlib
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream has nothing left to lose
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["Dist", "exit_rank", "setup_dist", "shutdown_dist"]

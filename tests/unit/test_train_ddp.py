@@ -19,19 +19,18 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
-    import torch.distributed as dist
-
     from nvembed_sdk.train.config import TrainConfig
+    from nvembed_sdk.train.dist import exit_rank, shutdown_dist
     from nvembed_sdk.train.loop import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    try:
-        train(TrainConfig.from_dict(cfg_dict), log=lambda s: None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    train(TrainConfig.from_dict(cfg_dict), log=lambda s: None)
+    # As `nvembed train` ends a rank: a gloo process left to the interpreter's teardown could abort
+    # (SIGABRT, "terminate called without an active exception") after a finished run.
+    shutdown_dist()
+    exit_rank()
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path, tiny_tokenizer_dir):
