@@ -99,11 +99,12 @@ def _replicas_seen(url: str, want: int, timeout: float = WAIT) -> set[str]:
 
 
 def test_cli_sigterm_drains_admitted_requests(embedder):
-    """``nvembed serve --ray local`` (its own local cluster, before the module's): SIGTERM while
-    requests are in flight answers every one of them, then the launcher exits 0."""
+    """``nvembed serve --ray local --replicas 2`` (its own local cluster, before the module's): both
+    replicas answer the ``openai`` client with Embedder's vectors; SIGTERM while requests are in
+    flight answers every one of them, then the launcher exits 0."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "nvembed_sdk.cli", "serve", str(SHIPPED), "--ray", "local", "--replicas", "1",
+    cmd = [sys.executable, "-m", "nvembed_sdk.cli", "serve", str(SHIPPED), "--ray", "local", "--replicas", "2",
            "--cpus-per-replica", "0.5", "--port", str(port), "--backend", "torch", "--served-model-name", NAME,
            "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -118,6 +119,10 @@ def test_cli_sigterm_drains_admitted_requests(embedder):
                 pass
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+        assert len(_replicas_seen(url, 2)) == 2  # the command line's --replicas 2 reached Ray Serve
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        got = np.asarray([d.embedding for d in client.embeddings.create(input=DOCS, model=NAME).data], np.float32)
+        assert _cos(got, embedder.embed_documents(DOCS)).min() >= COS  # default settings: base64 on the wire
         texts = [DOCS[i % len(DOCS)] * 8 for i in range(64)]  # long enough to be in flight at the signal
         ref = embedder.embed_documents(texts)
         results: list[object] = []
