@@ -112,13 +112,14 @@ def shipped_bundle(out: Path, name: str) -> Path:
     the engines built from them against fp32 PyTorch itself.
     """
     from nvembed_sdk.exporters.pipeline import export
-    from nvembed_sdk.manifest import read_manifest
+    from nvembed_sdk.manifest import MANIFEST, read_manifest
 
     path = out / f"onnx-{name}"
-    if (path / "manifest.json").is_file() and read_manifest(path).get("precision") == BUNDLE_KINDS[name]["precision"]:
+    if (path / MANIFEST).is_file() and read_manifest(path).get("precision") == BUNDLE_KINDS[name]["precision"]:
         return path
-    return export(SHIPPED, path, to="onnx", calibration_size=128, validate=False, overwrite=True,
-                  **BUNDLE_KINDS[name])
+    kind = BUNDLE_KINDS[name]
+    calibration = {"calibration_size": 128} if kind["precision"] in ("int8", "fp8") else {}  # refused for fp32/fp16
+    return export(SHIPPED, path, to="onnx", validate=False, overwrite=True, **calibration, **kind)
 
 
 def prepare(out: Path) -> bool:
