@@ -213,8 +213,9 @@ def part2(out: Path, layers: int) -> bool:
     for prec in ("fp16", "int8", "fp8"):
         t0 = time.perf_counter()
         try:
-            eng = export(ckpt, out / f"v2-{prec}", to="tensorrt", precision=prec, calibration_size=32,
-                         profiles=PROFILES, opt_level=2, timing_cache=False, force=True)
+            calibration = {"calibration_size": 32} if prec != "fp16" else {}  # refused for fp16
+            eng = export(ckpt, out / f"v2-{prec}", to="tensorrt", precision=prec, profiles=PROFILES, opt_level=2,
+                         timing_cache=False, force=True, **calibration)
         except Exception as exc:
             log(f"  {prec}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
             ok = False
