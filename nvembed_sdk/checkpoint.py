@@ -273,7 +273,8 @@ def state_dict_released(model: NVEmbedModel) -> dict[str, torch.Tensor]:
     return {to_released(name): p.detach() for name, p in model.named_parameters()}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` through a temp file beside it, renamed into place (whole or not at all)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -362,17 +363,17 @@ def save_model(
         stale.unlink(missing_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write_bytes(out / "model.safetensors", st_save(shards[0], metadata=meta))
+        atomic_write_bytes(out / "model.safetensors", st_save(shards[0], metadata=meta))
     else:
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            _atomic_write_bytes(out / name, st_save(shard, metadata=meta))
+            atomic_write_bytes(out / name, st_save(shard, metadata=meta))
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_bytes(out / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     cfg = model.cfg.replace(torch_dtype=_DTYPE_NAMES[target])
     cfg.save(out)
     _write_integration_files(out)

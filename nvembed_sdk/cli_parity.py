@@ -13,11 +13,11 @@ from nvembed_sdk.cli import fail_cleanly
 
 def _write_json(path: str, obj: object, what: str) -> None:
     """Write ``obj`` as JSON through a temp file renamed into place; a full or read-only disk names ``path``."""
-    from nvembed_sdk.checkpoint import _atomic_write_bytes
+    from nvembed_sdk.checkpoint import atomic_write_bytes
     from nvembed_sdk.errors import writing
 
     with writing(path, what):
-        _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 @click.command("parity")

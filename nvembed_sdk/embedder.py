@@ -70,7 +70,8 @@ def detect(path: str | Path) -> tuple[str, Path, Path]:
                             "an NV-Embed checkpoint dir or a bundle written by nvembed-export"))
 
 
-def check_finite(vectors: np.ndarray, index: Sequence[int] | np.ndarray, where: str) -> None:
+def check_finite(vectors: np.ndarray, index: Sequence[int] | np.ndarray, where: str,
+                 precision: str | None = None) -> None:
     """Raise ArtifactError naming the texts whose vectors hold NaN or Inf.
 
     A finite input never makes a sound model give NaN, so the artifact is at fault: weights
@@ -79,7 +80,7 @@ def check_finite(vectors: np.ndarray, index: Sequence[int] | np.ndarray, where: 
     bad = ~np.isfinite(vectors).all(axis=1)  # (B,)
     if bad.any():
         rows = sorted(int(i) for i in np.asarray(index)[bad])
-        fix = ("the model's weights or config are corrupt; re-export or re-train it" if " fp32 " in f" {where} " else
+        fix = ("the model's weights or config are corrupt; re-export or re-train it" if precision == "fp32" else
                "the model's weights or config are corrupt or overflow at this precision; "
                "re-export or re-train it, or try fp32")
         raise ArtifactError(fmt(f"embeddings from {where}", f"NaN/Inf for texts {rows[:10]}"
@@ -250,7 +251,7 @@ class Embedder:
             idx = order[lo : lo + batch_size]
             batch = self.text.collate([ids[i] for i in idx], start)
             out[idx] = self._backend.run(batch)
-        check_finite(out, np.arange(len(items)), self._backend.describe())  # every batch, all bad texts named
+        check_finite(out, np.arange(len(items)), self._backend.describe(), self.precision)  # every batch, all bad texts named
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)

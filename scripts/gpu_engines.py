@@ -112,13 +112,13 @@ def shipped_bundle(out: Path, name: str) -> Path:
     the engines built from them against fp32 PyTorch itself.
     """
     from nvembed_sdk.exporters.pipeline import export
+    from nvembed_sdk.exporters.quantize import QUANT_PRECISIONS
     from nvembed_sdk.manifest import MANIFEST, read_manifest
 
-    path = out / f"onnx-{name}"
-    if (path / MANIFEST).is_file() and read_manifest(path).get("precision") == BUNDLE_KINDS[name]["precision"]:
+    path, kind = out / f"onnx-{name}", BUNDLE_KINDS[name]
+    if (path / MANIFEST).is_file() and read_manifest(path).get("precision") == kind["precision"]:
         return path
-    kind = BUNDLE_KINDS[name]
-    calibration = {"calibration_size": 128} if kind["precision"] in ("int8", "fp8") else {}  # refused for fp32/fp16
+    calibration = {"calibration_size": 128} if kind["precision"] in QUANT_PRECISIONS else {}  # refused for fp32/fp16
     return export(SHIPPED, path, to="onnx", validate=False, overwrite=True, **calibration, **kind)
 
 

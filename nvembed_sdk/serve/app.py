@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvembed_sdk.embedder import Embedder, query_instruction
-from nvembed_sdk.errors import InputError
+from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.serve.auth import OPEN_PATHS, check_bearer
 from nvembed_sdk.serve.batcher import Batcher, Closed, QueueFull, TooLarge
 from nvembed_sdk.serve.metrics import Metrics
@@ -366,8 +366,8 @@ def _tokenize(state: ServeState, inputs: Any, instruction: str, truncate: str) -
     text = state.embedder.text  # type: ignore[union-attr]
     start = text.instruction_length(instruction)
     if start >= state.max_length:  # truncation would keep only instruction: nothing to pool (NaN vectors)
-        raise APIError(400, f"instruction | got {start} tokens. Note: the model takes at most {state.max_length} "
-                            "tokens in all, the text's included; send a shorter instruction or task",
+        raise APIError(400, fmt("instruction", f"{start} tokens", f"the model takes at most {state.max_length} "
+                                "tokens in all, the text's included; send a shorter instruction or task"),
                        param="instruction", code="instruction_too_long")
     if inputs.texts is not None:
         try:
