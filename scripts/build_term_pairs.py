@@ -19,6 +19,10 @@ sources reserved for evaluation):
   capitals, digits or ``/ . + # -`` inside ("PostgreSQL", "IPv6", "TCP/IP", "C++"), or a run of
   2-4 capitalised words ("GNU Image Manipulation Program"), that occurs in at most
   ``--max-df`` descriptions, instruction ``TERM_TASK``;
+* ``word``: a rare lower-case word cut from a description ("multiplexer", "daemonize"), found
+  in at most ``--max-df`` descriptions -> that description, instruction ``TERM_TASK``. Most of a
+  computing dictionary's terms are plain words, not product names; cap 0 by default, so the
+  stage-1e file is unchanged (stage 1f sets it);
 * ``lemma``: a WordNet lemma without its part of speech -> its gloss, instruction
   ``WORD_TASK``;
 * ``summary``: the summary -> description pairs of earlier stages (their own instruction), so
@@ -68,6 +72,19 @@ def tech_terms(text: str) -> set[str]:
     return out
 
 
+_WORD = re.compile(r"^[a-z][a-z-]{3,28}[a-z]$")
+
+
+def rare_words(text: str) -> set[str]:
+    """Lower-case words of one description (filtered by document frequency by the caller)."""
+    out = set()
+    for raw in text.split():
+        w = raw.strip(_STRIP).rstrip(".")
+        if _WORD.match(w) and "--" not in w:
+            out.add(w)
+    return out
+
+
 def one_per_source(packages: list[dict]) -> list[dict]:
     by_src: dict[str, list[dict]] = defaultdict(list)
     for r in packages:
@@ -105,12 +122,24 @@ def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int,
         term_pairs += [pair(t, r["positive"], TERM_TASK, "src:" + r["source"], "term") for t in picked]
     kinds["term"] = term_pairs
 
+
     lemmas = [r for r in read_jsonl(train_dir / "wordnet.jsonl.gz") if r.get("type") == "lemma_to_gloss"]
     kinds["lemma"] = [pair(_POS.sub("", r["query"]), r["positive"], WORD_TASK, "syn:" + r["synset"], "lemma")
                       for r in lemmas]
     kinds["summary"] = [pair(r["query"], r["positive"], r.get("instruction") or "", "src:" + r["source"], "summary")
                         for r in packages]
     kinds["question"] = [dict(p, instruction=QUESTION_TASK, kind="question") for p in kinds["summary"]]
+    # Own generator, drawn after the other kinds: with the word cap at 0 the file is stage 1e's.
+    wrng = random.Random(seed + 1)
+    words_of = {r["source"]: rare_words(r["positive"]) for r in firsts}
+    wdf = Counter(w for ws in words_of.values() for w in ws)
+    word_pairs = []
+    for r in firsts:
+        cands = sorted(w for w in words_of[r["source"]] if wdf[w] <= max_df and w != r["source"].lower())
+        if cands:
+            word_pairs += [pair(w, r["positive"], TERM_TASK, "src:" + r["source"], "word")
+                           for w in wrng.sample(cands, min(terms_per_source, len(cands)))]
+    kinds["word"] = word_pairs
 
     out, counts = [], {}
     for kind, rows in kinds.items():
@@ -135,7 +164,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=6)
     a = ap.parse_args()
     caps = {"name": a.per_kind, "term": a.per_kind, "lemma": a.per_kind, "summary": 2 * a.per_kind,
-            "question": a.per_kind // 2}
+            "question": a.per_kind // 2, "word": 0}
     for item in a.cap:
         kind, _, n = item.partition("=")
         if kind not in caps or not n.isdigit():

