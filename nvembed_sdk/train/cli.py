@@ -108,13 +108,16 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
 @click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass (dense teachers).")
 @click.option("--device", default=None, help="Dense teachers: cpu, cuda. Default: auto.")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads (dense teachers).")
+@click.option("--term-margin", type=float, default=None,
+              help="Margin for term queries (at most 4 words) instead of --margin ('inf': none); use with "
+                   "--drop-query-mentions.")
 @click.option("--drop-query-mentions", "drop_mentions", is_flag=True,
-              help="After mining, drop negatives that contain their query verbatim (case-insensitive, whole "
-                   "words): for term -> definition pairs they are unlabelled positives.")
+              help="Skip candidates that contain their query verbatim (case-insensitive, whole words): for "
+                   "term -> definition pairs they are unlabelled positives.")
 @fail_cleanly
 def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negatives: int, margin: float, top_k: int,
          max_examples: int | None, seed: int, batch_size: int, device: str | None, num_threads: int | None,
-         drop_mentions: bool = False) -> None:
+         term_margin: float | None = None, drop_mentions: bool = False) -> None:
     """Mine positive-aware hard negatives (TopK-PercPos) for the records of DATA files.
 
     \b
@@ -131,7 +134,7 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
     import random
 
     from nvembed_sdk.train.config import DataSource
-    from nvembed_sdk.train.mining import drop_query_mentions, load_teacher, mine_hard_negatives
+    from nvembed_sdk.train.mining import load_teacher, mine_hard_negatives
     from nvembed_sdk.train.readers import read_debian_packages, read_generic, read_wordnet, write_jsonl
 
     if num_threads:
@@ -147,10 +150,8 @@ def mine(data: tuple[str, ...], output: str, teacher: str, fmt_: str, num_negati
         examples = [examples[j] for j in sorted(random.Random(seed).sample(range(len(examples)), max_examples))]
     t0 = time.time()
     records = mine_hard_negatives(examples, load_teacher(teacher, batch_size, device, num_threads),
-                                  num_negatives=num_negatives, margin=margin, top_k=top_k)
-    if drop_mentions:
-        records, dropped = drop_query_mentions(records)
-        click.echo(f"dropped {dropped} negatives that contain their query verbatim")
+                                  num_negatives=num_negatives, margin=margin, top_k=top_k, term_margin=term_margin,
+                                  drop_mentions=drop_mentions)
     n = write_jsonl(output, records)
     mean_negs = sum(len(r["negatives"]) for r in records) / max(1, n)
     click.echo(f"wrote {n} records to {output} ({mean_negs:.2f} negatives per query, {time.time() - t0:.0f}s)")

@@ -9,8 +9,10 @@ walking down the ranking, a candidate is **kept** when
 * its teacher score is below ``margin x`` the positive's score (0.95 by default): anything
   scored almost as high as the positive is more likely an unlabelled positive than a negative.
 
-:func:`drop_query_mentions` (``nvembed mine --drop-query-mentions``) then removes negatives that
-contain a term query verbatim: for term -> definition pairs those are unlabelled positives too.
+With ``drop_mentions`` (``nvembed mine --drop-query-mentions``) candidates that contain the query
+verbatim are skipped too: for term -> definition pairs those are unlabelled positives; and
+``term_margin`` relaxes the margin for short (term) queries, whose positive a weak teacher often
+ranks below passages that are plainly wrong.
 
 The first ``num_negatives`` kept candidates are written, hardest first, with their groups and
 the teacher scores ``[positive, *negatives]`` (for optional distillation).
@@ -41,6 +43,9 @@ def mine_hard_negatives(
     block: int = 256,
     keep_existing: bool = True,
     show_progress: bool = True,
+    term_margin: float | None = None,
+    term_words: int = 4,
+    drop_mentions: bool = False,
 ) -> list[dict[str, Any]]:
     """Mine TopK-PercPos hard negatives for every example.
 
@@ -54,6 +59,18 @@ def mine_hard_negatives(
         keep_existing: the record's own negatives (e.g. WordNet's other senses) come first.
             Defaults to True.
         show_progress: tqdm bar. Defaults to True.
+        term_margin: margin for term queries (at most ``term_words`` words) instead of
+            ``margin``; ``inf`` turns the check off for them. A term ("SAX2", "multiplexer") that the teacher ranks below other
+            passages gets no negative at all under 0.95, exactly where the model most needs
+            one; with :func:`drop_query_mentions` removing the passages that name the term, a
+            passage ranked above the positive is a real negative. Defaults to None (``margin``).
+        term_words: longest query, in words, that counts as a term. Defaults to 4.
+        drop_mentions: skip every candidate (and existing negative) that contains the query
+            verbatim (:func:`mentions`): for a term -> definition record ("SAX2" -> a
+            description using "SAX2") a passage naming the term is as likely a second right
+            answer as a wrong one, and a teacher ranks such passages high precisely because they
+            share the term. Long queries (summaries, questions) almost never occur verbatim.
+            Defaults to False.
 
     Returns:
         Generic records ``{query, positive, negatives, negative_groups, instruction, task,
@@ -89,6 +106,8 @@ def mine_hard_negatives(
             np.arange(s.shape[1]), (len(chunk), 1))
         cand = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable"), axis=1)
         for r, e in enumerate(chunk):
+            m = term_margin if term_margin is not None and len(e.query.split()) <= term_words else margin
+            named = mentions(e.query) if drop_mentions else (lambda text: False)
             pos_j = pool_index[e.positive]
             pos_score = float(s[r, pos_j])
             banned = positives_of_query[norm_text(e.query)] | {pos_j}
@@ -97,7 +116,7 @@ def mine_hard_negatives(
             scores: list[float] = []
             if keep_existing:
                 for n in e.negatives[:num_negatives]:
-                    if n == e.positive or n in negs:
+                    if n == e.positive or n in negs or named(n):
                         continue
                     j = pool_index.get(n)
                     negs.append(n)
@@ -107,9 +126,9 @@ def mine_hard_negatives(
                 if len(negs) >= num_negatives:
                     break
                 j = int(j)
-                if j in banned or e.group in pool_groups[j] or pool[j] in negs:
+                if j in banned or e.group in pool_groups[j] or pool[j] in negs or named(pool[j]):
                     continue
-                if not s[r, j] < margin * pos_score:  # TopK-PercPos: too close to the positive
+                if m != float("inf") and not s[r, j] < m * pos_score:  # TopK-PercPos: too close to the positive
                     continue
                 negs.append(pool[j])
                 groups.append(sorted(pool_groups[j])[0])
@@ -125,31 +144,11 @@ def mine_hard_negatives(
     return out
 
 
-def drop_query_mentions(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """Drop each mined negative that contains its record's query verbatim.
-
-    For a term -> definition record ("SAX2" -> a description that uses "SAX2") a passage that
-    names the term is as likely a second right answer as a wrong one, and a dense teacher ranks
-    such passages high precisely because they share the term. Matching is case-insensitive on
-    word boundaries ("FX" does not match "ffx"); long queries (summaries, questions) almost never
-    occur verbatim, so they keep their negatives. ``negative_groups`` and ``teacher_scores`` are
-    filtered alongside.
-
-    Returns:
-        The records (new dicts) and the number of negatives dropped.
-    """
-    out, dropped = [], 0
-    for r in records:
-        pat = re.compile(r"(?<![0-9a-z])" + re.escape(r["query"].strip().lower()) + r"(?![0-9a-z])")
-        keep = [i for i, n in enumerate(r["negatives"]) if not pat.search(n.lower())]
-        dropped += len(r["negatives"]) - len(keep)
-        r = dict(r, negatives=[r["negatives"][i] for i in keep])
-        if "negative_groups" in r:
-            r["negative_groups"] = [r["negative_groups"][i] for i in keep]
-        if "teacher_scores" in r:  # [positive, negative_1, ...]
-            r["teacher_scores"] = r["teacher_scores"][:1] + [r["teacher_scores"][1 + i] for i in keep]
-        out.append(r)
-    return out, dropped
+def mentions(query: str):
+    """A predicate: does a text contain ``query`` verbatim (case-insensitive, on word boundaries,
+    so "FX" does not match "ffx")?"""
+    pat = re.compile(r"(?<![0-9a-z])" + re.escape(query.strip().lower()) + r"(?![0-9a-z])")
+    return lambda text: pat.search(text.lower()) is not None
 
 
-__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "drop_query_mentions", "load_teacher", "mine_hard_negatives"]
+__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "mentions", "load_teacher", "mine_hard_negatives"]
