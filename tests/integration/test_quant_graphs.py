@@ -282,8 +282,17 @@ def test_tensorrt_graph_audit_shipped_model(precision, tmp_path):
     """The shipped model (minutes on 2 cores: run with -m slow)."""
     if not (SHIPPED / "model.safetensors").is_file():
         pytest.skip(f"{SHIPPED} has no weights")
-    out = export(SHIPPED, tmp_path / precision, to="onnx", precision=precision, runtime="tensorrt")
+    # The done-when audit on the fully quantised graph (fallback off: every projection INT8/FP8, and
+    # the held-out validation, not the conservative simulation, decides the budget).
+    out = export(SHIPPED, tmp_path / precision, to="onnx", precision=precision, runtime="tensorrt", fallback=False)
     audit = assert_tensorrt_graph(out, precision)
+    assert audit["decoder_gemm_macs"].get(precision) == 1.0
+    # The default export (fallback on) stays in budget too. Version 7's FP8 simulation lands at
+    # 0.99797 against its 0.998 target (budget + SIMULATED_MARGIN), so the fallback keeps
+    # layers.3.mlp.down_proj in fp16 (93.3 % FP8 MACs) although the all-FP8 graph validates at 0.995.
+    default = export(SHIPPED, tmp_path / f"{precision}-default", to="onnx", precision=precision, runtime="tensorrt")
+    assert_tensorrt_graph(default, precision, strict_macs=False)
+    assert len(read_manifest(default)["quantization"].get("fallback", {}).get("kept_high_precision", [])) <= 1
     m = read_manifest(out)
     print(f"\n{precision}: decoder GEMM MACs {audit['decoder_gemm_macs']}, min cosine {m['validation']['min_cosine']}, "
           f"top-10 {m['validation']['topk_agreement']}, kept "
