@@ -31,19 +31,22 @@ from pathlib import Path
 from nvembed_sdk.train.readers import read_jsonl
 
 
-def _term_module():
-    spec = importlib.util.spec_from_file_location("build_term_pairs", Path(__file__).with_name("build_term_pairs.py"))
+def _sibling(name: str):
+    """Another script of this folder as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+TERMS = _sibling("build_term_pairs")  # the extractor and instruction of the training term pairs
+
+
 def build(dev_dir: Path, n_queries: int, max_df: int, seed: int) -> tuple[list[dict], list[dict], list[tuple[str, str]]]:
-    terms = _term_module()
     corpus = [{"_id": r["_id"], "text": r["text"]} for r in read_jsonl(dev_dir / "corpus.jsonl.gz")]
     docs_of: dict[str, set[str]] = defaultdict(set)
     for d in corpus:
-        for t in terms.tech_terms(d["text"]):
+        for t in TERMS.tech_terms(d["text"]):
             docs_of[t].add(d["_id"])
     # One candidate term per description so no description dominates; sorted before the draw.
     by_doc: dict[str, list[str]] = defaultdict(list)
@@ -73,13 +76,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=17)
     a = ap.parse_args()
     corpus, queries, qrels = build(a.dev_dir, a.queries, a.max_df, a.seed)
-    spec = importlib.util.spec_from_file_location("build_heldout_eval", Path(__file__).with_name("build_heldout_eval.py"))
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
     # Written beside the target, then renamed into place: an interrupted build leaves no half set.
     tmp = a.output.with_name(a.output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    heldout.write_beir(str(tmp), corpus, queries, qrels, _term_module().TERM_TASK)
+    _sibling("build_heldout_eval").write_beir(str(tmp), corpus, queries, qrels, TERMS.TERM_TASK)
     shutil.rmtree(a.output, ignore_errors=True)
     tmp.replace(a.output)
     print(json.dumps({"output": str(a.output), "queries": len(queries), "corpus": len(corpus), "qrels": len(qrels)}, indent=1))

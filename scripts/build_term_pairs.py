@@ -96,6 +96,20 @@ def one_per_source(packages: list[dict]) -> list[dict]:
     return out
 
 
+def cut_terms(firsts: list[dict], extract, max_df: int, pick) -> list[tuple[str, dict]]:
+    """(term, record) pairs: ``pick`` draws from each description's terms that occur in at most
+    ``max_df`` of the descriptions (one per source: siblings would count a term twice) and are not
+    the source's own name."""
+    terms_of = {r["source"]: extract(r["positive"]) for r in firsts}
+    df = Counter(t for ts in terms_of.values() for t in ts)
+    out = []
+    for r in firsts:
+        cands = sorted(t for t in terms_of[r["source"]] if df[t] <= max_df and t.lower() != r["source"].lower())
+        if cands:
+            out += [(t, r) for t in pick(cands)]
+    return out
+
+
 def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int,
           terms_per_source: int = 1) -> tuple[list[dict], dict[str, int]]:
     rng = random.Random(seed)
@@ -108,20 +122,11 @@ def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int,
     kinds: dict[str, list[dict]] = {}
     kinds["name"] = [pair(r["id"][3:], r["positive"], TERM_TASK, "src:" + r["source"], "name") for r in firsts]
 
-    # Document frequency over one description per source (siblings would count a term twice).
-    terms_of = {r["source"]: tech_terms(r["positive"]) for r in firsts}
-    df = Counter(t for ts in terms_of.values() for t in ts)
-    term_pairs = []
-    for r in firsts:
-        cands = sorted(t for t in terms_of[r["source"]] if df[t] <= max_df and t.lower() != r["source"].lower())
-        if not cands:
-            continue
-        # One term per source (stage 1e) draws with choice(); more (stage 1f) with sample(): the
-        # one-term output stays byte-identical to the file stage 1e trained on.
-        picked = [rng.choice(cands)] if terms_per_source == 1 else rng.sample(cands, min(terms_per_source, len(cands)))
-        term_pairs += [pair(t, r["positive"], TERM_TASK, "src:" + r["source"], "term") for t in picked]
-    kinds["term"] = term_pairs
-
+    # One term per source (stage 1e) draws with choice(); more (stage 1f) with sample(): the
+    # one-term output stays byte-identical to the file stage 1e trained on.
+    k = terms_per_source
+    kinds["term"] = [pair(t, r["positive"], TERM_TASK, "src:" + r["source"], "term") for t, r in cut_terms(
+        firsts, tech_terms, max_df, lambda c: [rng.choice(c)] if k == 1 else rng.sample(c, min(k, len(c))))]
 
     lemmas = [r for r in read_jsonl(train_dir / "wordnet.jsonl.gz") if r.get("type") == "lemma_to_gloss"]
     kinds["lemma"] = [pair(_POS.sub("", r["query"]), r["positive"], WORD_TASK, "syn:" + r["synset"], "lemma")
@@ -131,15 +136,8 @@ def build(train_dir: Path, caps: dict[str, int], max_df: int, seed: int,
     kinds["question"] = [dict(p, instruction=QUESTION_TASK, kind="question") for p in kinds["summary"]]
     # Own generator, drawn after the other kinds: with the word cap at 0 the file is stage 1e's.
     wrng = random.Random(seed + 1)
-    words_of = {r["source"]: rare_words(r["positive"]) for r in firsts}
-    wdf = Counter(w for ws in words_of.values() for w in ws)
-    word_pairs = []
-    for r in firsts:
-        cands = sorted(w for w in words_of[r["source"]] if wdf[w] <= max_df and w != r["source"].lower())
-        if cands:
-            word_pairs += [pair(w, r["positive"], TERM_TASK, "src:" + r["source"], "word")
-                           for w in wrng.sample(cands, min(terms_per_source, len(cands)))]
-    kinds["word"] = word_pairs
+    kinds["word"] = [pair(w, r["positive"], TERM_TASK, "src:" + r["source"], "word") for w, r in cut_terms(
+        firsts, rare_words, max_df, lambda c: wrng.sample(c, min(terms_per_source, len(c))))]
 
     out, counts = [], {}
     for kind, rows in kinds.items():

@@ -60,10 +60,11 @@ def mine_hard_negatives(
             Defaults to True.
         show_progress: tqdm bar. Defaults to True.
         term_margin: margin for term queries (at most ``term_words`` words) instead of
-            ``margin``; ``inf`` turns the check off for them. A term ("SAX2", "multiplexer") that the teacher ranks below other
-            passages gets no negative at all under 0.95, exactly where the model most needs
-            one; with :func:`drop_query_mentions` removing the passages that name the term, a
-            passage ranked above the positive is a real negative. Defaults to None (``margin``).
+            ``margin``; ``inf`` turns the check off for them. A term ("SAX2", "multiplexer")
+            that the teacher ranks below other passages gets no negative at all under 0.95,
+            exactly where the model most needs one; with ``drop_mentions`` removing the
+            passages that name the term, a passage ranked above the positive is a real
+            negative. Defaults to None (``margin``).
         term_words: longest query, in words, that counts as a term. Defaults to 4.
         drop_mentions: skip every candidate (and existing negative) that contains the query
             verbatim (:func:`mentions`): for a term -> definition record ("SAX2" -> a
@@ -95,6 +96,7 @@ def mine_hard_negatives(
     for e in examples:
         positives_of_query[norm_text(e.query)].add(pool_index[e.positive])
     teacher.index(pool, pool_prefix)
+    pool_lower = [p.lower() for p in pool] if drop_mentions else []  # lowered once, searched per query
     top_k = min(top_k, len(pool))
     out: list[dict[str, Any]] = []
     bar = tqdm(total=len(examples), desc=f"mine ({teacher.name})", unit="q", disable=not show_progress)
@@ -107,7 +109,7 @@ def mine_hard_negatives(
         cand = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable"), axis=1)
         for r, e in enumerate(chunk):
             m = term_margin if term_margin is not None and len(e.query.split()) <= term_words else margin
-            named = mentions(e.query) if drop_mentions else (lambda text: False)
+            named = _mention_pattern(e.query).search if drop_mentions else None  # on lower-cased text
             pos_j = pool_index[e.positive]
             pos_score = float(s[r, pos_j])
             banned = positives_of_query[norm_text(e.query)] | {pos_j}
@@ -116,7 +118,7 @@ def mine_hard_negatives(
             scores: list[float] = []
             if keep_existing:
                 for n in e.negatives[:num_negatives]:
-                    if n == e.positive or n in negs or named(n):
+                    if n == e.positive or n in negs or (named and named(n.lower())):
                         continue
                     j = pool_index.get(n)
                     negs.append(n)
@@ -126,7 +128,7 @@ def mine_hard_negatives(
                 if len(negs) >= num_negatives:
                     break
                 j = int(j)
-                if j in banned or e.group in pool_groups[j] or pool[j] in negs or named(pool[j]):
+                if j in banned or e.group in pool_groups[j] or pool[j] in negs or (named and named(pool_lower[j])):
                     continue
                 if m != float("inf") and not s[r, j] < m * pos_score:  # TopK-PercPos: too close to the positive
                     continue
@@ -144,11 +146,15 @@ def mine_hard_negatives(
     return out
 
 
+def _mention_pattern(query: str) -> re.Pattern[str]:
+    """``query`` lower-cased, on word boundaries ("FX" does not match "ffx"); search lower-cased text."""
+    return re.compile(r"(?<![0-9a-z])" + re.escape(query.strip().lower()) + r"(?![0-9a-z])")
+
+
 def mentions(query: str):
-    """A predicate: does a text contain ``query`` verbatim (case-insensitive, on word boundaries,
-    so "FX" does not match "ffx")?"""
-    pat = re.compile(r"(?<![0-9a-z])" + re.escape(query.strip().lower()) + r"(?![0-9a-z])")
+    """A predicate: does a text contain ``query`` verbatim (case-insensitive, on word boundaries)?"""
+    pat = _mention_pattern(query)
     return lambda text: pat.search(text.lower()) is not None
 
 
-__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "mentions", "load_teacher", "mine_hard_negatives"]
+__all__ = ["BM25Teacher", "DenseTeacher", "Teacher", "load_teacher", "mentions", "mine_hard_negatives"]
