@@ -48,7 +48,8 @@ def train(config: str, resume: bool, overwrite: bool, output_dir: str | None, ma
     extra unlabelled texts can feed that term alone ("texts": JSONL files of {text},
     "texts_per_step" per step; scripts/build_distill_texts.py cuts them from train/), a scratch
     model can start from its embeddings of the vocabulary pieces ("init_token_embeddings"),
-    mined teacher scores add a KL term ("score_weight"), and a stage that continues a distilled
+    mined teacher scores add a KL term ("score_weight"), the teacher's in-batch similarity
+    structure another ("relation_weight"), and a stage that continues a distilled
     model with a new cache keeps its output space with "align_projection": true. The flat keys of older stage
     files ("teacher", "embed_distill_weight", "distill_texts", ...) are still read.
     Checkpoints go to OUTPUT_DIR/checkpoints/step-N (released layout + trainer_state.pt,

@@ -177,8 +177,10 @@ class TrainConfig:
              self.grad_accum_steps, f"must be >= 1 and divide batch_size ({self.batch_size})"),
             (self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1"),
             (len(self.data) > 0, "data", "no sources", "at least one {\"path\": ...} entry"),
-            (ds.teacher or not (ds.embedding_weight > 0 or ds.init_token_embeddings), "distill.teacher", None,
-             "a teacher ('minilm' or an encoder directory) for distill.embedding_weight / init_token_embeddings"),
+            (ds.teacher or not (ds.embedding_weight > 0 or ds.init_token_embeddings or ds.relation_weight > 0),
+             "distill.teacher", None,
+             "a teacher ('minilm' or an encoder directory) for distill.embedding_weight / relation_weight / "
+             "init_token_embeddings"),
             (not ds.init_token_embeddings or self.init == "scratch", "distill.init_token_embeddings", True,
              "only with init 'scratch'"),
             (not ds.texts or (ds.teacher and ds.embedding_weight > 0), "distill.texts", list(ds.texts),

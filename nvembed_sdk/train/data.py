@@ -74,9 +74,11 @@ class TrainData:
             self._pools[i] = ([r["text"] for r in recs], ["label:" + r["label"] for r in recs])
         self._epoch_cache: tuple[int, list[Example], list[list[int]], int] | None = None
 
-    def pair_texts(self) -> list[str]:
-        """Every query and positive of the pair sources (not section texts), in file order."""
-        return [t for exs in self._fixed.values() for e in exs for t in (e.query, e.positive)]
+    def pair_texts(self, with_negatives: bool = False) -> list[str]:
+        """Every query and positive of the pair sources (not section texts), in file order, and
+        with ``with_negatives`` each example's hard negatives after its positive."""
+        return [t for exs in self._fixed.values() for e in exs
+                for t in ((e.query, e.positive, *e.negatives) if with_negatives else (e.query, e.positive))]
 
     def epoch_examples(self, epoch: int) -> list[Example]:
         """The examples of one epoch: seeded subsets of each source, shuffled together."""

@@ -142,6 +142,17 @@ class TeacherCache:
         np.save(self.projection_path(student_rows.shape[1]), proj)
         return proj
 
+    def teacher_rows(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, D_t) the teacher's own unit-norm rows (no projection) and an (n,) bool mask of
+        texts found: the similarity structure :func:`nvembed_sdk.train.losses.relation_distill_loss` matches."""
+        rows = [self.index.get(t, -1) for t in texts]
+        found = np.array([r >= 0 for r in rows], dtype=bool)
+        out = np.zeros((len(texts), self.matrix.shape[1]), dtype=np.float32)
+        if found.any():
+            sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32)  # (n_found, D_t)
+            out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
+        return torch.from_numpy(out), torch.from_numpy(found)
+
     def targets(self, texts: Sequence[str], proj: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, dim) normalised projected targets and an (n,) bool mask of texts found."""
         rows = [self.index.get(t, -1) for t in texts]
@@ -151,6 +162,25 @@ class TeacherCache:
             sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32) @ proj  # (n_found, dim)
             out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
         return torch.from_numpy(out), torch.from_numpy(found)
+
+
+def batch_teacher_inputs(cache: TeacherCache, proj: np.ndarray, extras: dict[str, list[str]],
+                         objective: Any) -> tuple[tuple | None, tuple | None]:
+    """The teacher side of one batch for :class:`nvembed_sdk.train.losses.StageLoss`, only what
+    its weights switch on: the embedding term's projected ``(rows, found)`` of ``cat([q, d])``,
+    and the relation term's own rows ``(tq, fq, td, fd)``.
+
+    ``extras`` holds the batch's ``query_texts`` (B) and ``doc_texts`` (B * (1 + K)).
+    """
+    queries, docs = extras["query_texts"], extras["doc_texts"]
+    targets = teacher_rows = None
+    if objective.embedding_weight > 0:
+        tq, fq = cache.targets(queries, proj)  # (B, D), (B,)
+        td, fd = cache.targets(docs, proj)  # (B * (1 + K), D), (B * (1 + K),)
+        targets = (torch.cat([tq, td]), torch.cat([fq, fd]))
+    if objective.relation_weight > 0:
+        teacher_rows = (*cache.teacher_rows(queries), *cache.teacher_rows(docs))  # (B, D_t), (B,), (B*(1+K), D_t), ..
+    return targets, teacher_rows
 
 
 def _alignment_sample(texts: Sequence[str], seed: int, n: int = 4096) -> list[str]:
@@ -212,7 +242,9 @@ def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, mo
     write the teacher's piece embeddings into the input embeddings."""
     cache = TeacherCache(cfg.teacher_cache_dir)
     pieces = token_texts(Path(text.directory) / "tokenizer.json") if cfg.distill.init_token_embeddings else []
-    texts = [p for p in pieces if p] + data.pair_texts() + extra_texts
+    # The relation term scores every document of a batch, hard negatives included: cache them too.
+    texts = ([p for p in pieces if p] + data.pair_texts(with_negatives=cfg.distill.relation_weight > 0)
+             + extra_texts)
     if dist_.main:  # rank 0 fills the cache and fixes the projection; the others then read both
         missing = sum(1 for t in dict.fromkeys(texts) if t not in cache)
         if missing:
@@ -239,5 +271,5 @@ def setup_distillation(cfg: TrainConfig, data: TrainData, text: TextPipeline, mo
 
 
 
-__all__ = ["TeacherCache", "embedding_distill_loss", "init_token_embeddings", "resolve_teacher", "setup_distillation", "teacher_encoder",
+__all__ = ["TeacherCache", "batch_teacher_inputs", "embedding_distill_loss", "init_token_embeddings", "resolve_teacher", "setup_distillation", "teacher_encoder",
            "token_texts"]

@@ -42,7 +42,7 @@ from nvembed_sdk.train.batch import TrainBatch, collate, encode_side
 from nvembed_sdk.train.config import TrainConfig
 from nvembed_sdk.train.data import TrainData
 from nvembed_sdk.train.dist import setup_dist
-from nvembed_sdk.train.distill import setup_distillation
+from nvembed_sdk.train.distill import batch_teacher_inputs, setup_distillation
 from nvembed_sdk.train.gradcache import cached_backward
 from nvembed_sdk.train.losses import StageLoss, embedding_distill_loss
 from nvembed_sdk.train.readers import read_distill_texts
@@ -180,14 +180,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     ds = cfg.distill
     distill = None
     extra_texts = read_distill_texts(ds.texts)
-    if ds.teacher and (ds.embedding_weight > 0 or ds.init_token_embeddings):
+    if ds.teacher and (ds.embedding_weight > 0 or ds.relation_weight > 0 or ds.init_token_embeddings):
         distill = setup_distillation(cfg, data, text, base_of(model), fresh=state is None, log=log, dist_=dist_,
                                      extra_texts=extra_texts)
     if extra_texts and dist_.main:
         log(f"distillation-only texts: {len(extra_texts):,}, {ds.texts_per_step} per step")
     objective = StageLoss(temperature=cfg.temperature, in_batch_negatives=cfg.in_batch_negatives,
                           score_weight=ds.score_weight, score_temperature=ds.score_temperature,
-                          embedding_weight=ds.embedding_weight if distill is not None else 0.0)
+                          embedding_weight=ds.embedding_weight if distill is not None else 0.0,
+                          relation_weight=ds.relation_weight if distill is not None else 0.0,
+                          relation_temperature=ds.relation_temperature)
 
     def embed(enc) -> torch.Tensor:
         with autocast:
@@ -196,13 +198,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None =
     def loss_fn(batch: TrainBatch):
         def fn(q_local: torch.Tensor, d_local: torch.Tensor) -> torch.Tensor:
             q, d = dist_.gather(q_local), dist_.gather(d_local)  # (B, D), (B * (1 + K), D)
-            targets = None
-            if distill is not None and objective.embedding_weight > 0:
-                cache, proj = distill
-                tq, fq = cache.targets(batch.extras["query_texts"], proj)  # (B, D), (B,)
-                td, fd = cache.targets(batch.extras["doc_texts"], proj)  # (B * (1 + K), D)
-                targets = (torch.cat([tq, td]), torch.cat([fq, fd]))
-            return objective(q, d, batch, targets)
+            if distill is None:
+                return objective(q, d, batch)
+            return objective(q, d, batch, *batch_teacher_inputs(*distill, batch.extras, objective))
         return fn
 
     def save_checkpoint() -> None:

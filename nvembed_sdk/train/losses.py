@@ -6,6 +6,8 @@
   towards the teacher scores ``nvembed mine`` stores.
 * :func:`embedding_distill_loss` -- ``1 - cos`` towards projected teacher embeddings
   (``nvembed_sdk.train.distill`` makes the targets).
+* :func:`relation_distill_loss` -- ``KL(teacher || student)`` over each query's row of InfoNCE
+  scores: the teacher's *similarity structure* (how it ranks every document of the batch).
 
 :class:`StageLoss` composes them with the stage's weights (``TrainConfig.distill``); the plain
 loss, the GradCache variant (``nvembed_sdk.train.gradcache``) and the data-parallel path
@@ -136,6 +138,57 @@ def embedding_distill_loss(student: torch.Tensor, target: torch.Tensor, found: t
     return (1.0 - (s * t).sum(-1)).mean()
 
 
+def relation_distill_loss(
+    logits: torch.Tensor,
+    teacher_q: torch.Tensor,
+    found_q: torch.Tensor,
+    teacher_d: torch.Tensor,
+    found_d: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """``KL(teacher || student)`` over each query's row of scores, batch mean over usable rows.
+
+    The embedding term matches vectors one at a time; this term matches the teacher's scores of
+    each query against every candidate of the batch (RKD / in-batch score distillation), so the
+    student learns the teacher's ranking of near misses, not only of the positive.
+
+    Args:
+        logits: (B, C) student logits (:attr:`Logits.logits`: cosine / tau, same-group
+            columns -inf). ``C`` is every document of the batch (in-batch negatives) or each
+            query's own ``1 + K`` candidates.
+        teacher_q: (B, D_t) the teacher's unit-norm query embeddings; ``found_q`` (B,) bool.
+        teacher_d: (N, D_t) the teacher's unit-norm document embeddings in the layout of
+            :func:`info_nce_logits` (``N == C``, or ``N == B * C`` for own candidates);
+            ``found_d`` (N,) bool.
+        temperature: divides the teacher cosines; the InfoNCE tau keeps both distributions
+            on one scale. Defaults to 0.05.
+
+    Columns the student masked or the teacher lacks drop out of both distributions; rows whose
+    query the teacher lacks, or with fewer than two columns left, drop out of the mean.
+    """
+    B, C = logits.shape
+    dev = logits.device
+    tq, td = teacher_q.to(dev).float(), teacher_d.to(dev).float()
+    found_d = found_d.to(dev)
+    if td.shape[0] == C:
+        t = tq @ td.T  # (B, C)
+        col_found = found_d[None, :].expand(B, C)
+    else:
+        t = torch.einsum("bd,bkd->bk", tq, td[: B * C].view(B, C, -1))  # (B, C)
+        col_found = found_d[: B * C].view(B, C)
+    keep = torch.isfinite(logits) & col_found  # (B, C)
+    rows = found_q.to(dev) & (keep.sum(1) >= 2)  # (B,)
+    if not bool(rows.any()):
+        return logits.masked_fill(~keep, 0.0).sum() * 0.0
+    keep = keep[rows]
+    # A large finite fill, not -inf: the masked entries get probability 0 in both without NaN.
+    log_ps = F.log_softmax(logits[rows].masked_fill(~keep, -1e4), dim=-1)  # (R, C)
+    log_pt = F.log_softmax((t[rows] / temperature).masked_fill(~keep, -1e4), dim=-1)  # (R, C)
+    kl = torch.where(keep, log_pt.exp() * (log_pt - log_ps), torch.zeros_like(log_ps))
+    return kl.sum(-1).mean()
+
+
 def compute_loss_from_embeddings(
     q: torch.Tensor,
     d: torch.Tensor,
@@ -161,31 +214,43 @@ def compute_loss_from_embeddings(
 
 class StageLoss:
     """One stage's objective on the global batch's embeddings: InfoNCE, plus the score KL term
-    when the batch carries teacher scores, plus the embedding term when targets are given.
+    when the batch carries teacher scores, plus the embedding term when targets are given, plus
+    the relation term when the teacher's own rows are given.
 
     Args:
         temperature: InfoNCE tau. in_batch_negatives: score against the whole batch.
         score_weight / score_temperature: the KL term (0: off).
         embedding_weight: the ``1 - cos`` term (0: off).
+        relation_weight / relation_temperature: :func:`relation_distill_loss` (0: off).
     """
 
     def __init__(self, *, temperature: float, in_batch_negatives: bool, score_weight: float = 0.0,
-                 score_temperature: float = 1.0, embedding_weight: float = 0.0) -> None:
+                 score_temperature: float = 1.0, embedding_weight: float = 0.0, relation_weight: float = 0.0,
+                 relation_temperature: float = 0.05) -> None:
         self.temperature = temperature
         self.in_batch_negatives = in_batch_negatives
         self.score_weight = score_weight
         self.score_temperature = score_temperature
         self.embedding_weight = embedding_weight
+        self.relation_weight = relation_weight
+        self.relation_temperature = relation_temperature
 
-    def __call__(self, q: torch.Tensor, d: torch.Tensor, batch, targets=None) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, d: torch.Tensor, batch, targets=None, teacher_rows=None) -> torch.Tensor:
         """``q`` (B, D), ``d`` (B * (1 + K), D), a ``TrainBatch``; ``targets``: ``(rows, found)``
-        teacher targets of ``cat([q, d])`` or None."""
-        loss = compute_loss_from_embeddings(
-            q, d, batch.num_negatives, self.temperature, self.in_batch_negatives, batch.query_groups,
-            batch.doc_groups, teacher_scores=batch.teacher_scores, distill_weight=self.score_weight,
-            distill_temperature=self.score_temperature)
+        teacher targets of ``cat([q, d])`` or None; ``teacher_rows``: ``(tq, fq, td, fd)`` the
+        teacher's own unit rows of the queries and documents with their found masks, or None."""
+        scores = info_nce_logits(q, d, batch.num_negatives, temperature=self.temperature,
+                                 in_batch_negatives=self.in_batch_negatives, query_groups=batch.query_groups,
+                                 doc_groups=batch.doc_groups)
+        loss = F.cross_entropy(scores.logits, scores.target)
+        if batch.teacher_scores is not None and self.score_weight > 0:
+            loss = loss + self.score_weight * score_distill_loss(scores.own, batch.teacher_scores,
+                                                                 temperature=self.score_temperature)
         if targets is not None and self.embedding_weight > 0:
             loss = loss + self.embedding_weight * embedding_distill_loss(torch.cat([q, d]), *targets)
+        if teacher_rows is not None and self.relation_weight > 0:
+            loss = loss + self.relation_weight * relation_distill_loss(scores.logits, *teacher_rows,
+                                                                       temperature=self.relation_temperature)
         return loss
 
 
@@ -219,4 +284,4 @@ class InfoNCELoss(nn.Module):
 
 
 __all__ = ["InfoNCELoss", "Logits", "StageLoss", "compute_loss_from_embeddings", "embedding_distill_loss",
-           "info_nce_logits", "info_nce_loss", "score_distill_loss"]
+           "info_nce_logits", "info_nce_loss", "relation_distill_loss", "score_distill_loss"]

@@ -141,6 +141,12 @@ class DistillSettings:
             own embeddings of 4,096 training texts (orthogonal Procrustes) instead of the SVD
             basis: for a stage that continues a distilled model with a new cache. Defaults to
             False.
+        relation_weight: weight of a KL term that matches the teacher's similarity structure:
+            each query's scores against every document of the batch (hard negatives included),
+            from the teacher's own cached embeddings (``losses.relation_distill_loss``). The
+            cache then also holds the hard negatives. Defaults to 0 (off).
+        relation_temperature: temperature of the teacher's cosines in that term. Defaults to
+            0.05 (the InfoNCE tau of every shipped stage).
     """
 
     teacher: str | None = None
@@ -153,14 +159,17 @@ class DistillSettings:
     score_weight: float = 0.0
     score_temperature: float = 1.0
     align_projection: bool = False
+    relation_weight: float = 0.0
+    relation_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         check_fields(self, "train config distill.")
         for name in ("teacher_max_length", "texts_per_step"):
             check_range(f"train config distill.{name}", getattr(self, name), 1)
-        for name in ("embedding_weight", "score_weight"):
+        for name in ("embedding_weight", "score_weight", "relation_weight"):
             check_range(f"train config distill.{name}", getattr(self, name), 0)
-        check_range("train config distill.score_temperature", self.score_temperature, 0, lo_open=True)
+        for name in ("score_temperature", "relation_temperature"):
+            check_range(f"train config distill.{name}", getattr(self, name), 0, lo_open=True)
 
 
 # The flat keys of stage files written before the ``distill`` group (the shipped

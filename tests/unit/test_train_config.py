@@ -33,7 +33,7 @@ def test_flat_distill_keys_read_into_the_group():
     assert flat == grouped
     assert flat.distill == DistillSettings("minilm", "c", 96, 10.0, ("t.jsonl",), 8, True, 0.5, 2.0)
     # every field that existed before the group has its flat key; later fields live in the group only
-    group_only = {"align_projection"}
+    group_only = {"align_projection", "relation_weight", "relation_temperature"}
     assert set(LEGACY_DISTILL_KEYS.values()) == set(DistillSettings.__dataclass_fields__) - group_only
     # what a run writes (train_config.json) reads back to the same config
     assert TrainConfig.from_dict(flat.to_dict()) == flat
@@ -89,3 +89,13 @@ def test_the_card_fine_tune_example_reads(monkeypatch):
     assert Path(cfg.tokenizer_dir, "tokenizer.json").is_file()
     _, batches = TrainData(cfg.data, cfg.num_negatives, cfg.seed).epoch_batches(0, cfg.batch_size)
     assert len(batches) >= 2
+
+
+def test_relation_term_settings_are_checked():
+    with pytest.raises(InputError, match="relation_weight"):
+        TrainConfig.from_dict({**BASE, "distill": {"relation_weight": 1.0}})  # no teacher
+    with pytest.raises(InputError, match="relation_temperature"):
+        TrainConfig.from_dict({**BASE, "distill": {"teacher": "minilm", "relation_weight": 1.0,
+                                                   "relation_temperature": 0}})
+    cfg = TrainConfig.from_dict({**BASE, "distill": {"teacher": "minilm", "relation_weight": 1.0}})
+    assert (cfg.distill.relation_weight, cfg.distill.relation_temperature) == (1.0, 0.05)

@@ -10,7 +10,13 @@ import torch
 
 from nvembed_sdk.train.data import Encoded
 from nvembed_sdk.train.gradcache import cached_backward
-from nvembed_sdk.train.losses import InfoNCELoss, compute_loss_from_embeddings
+from nvembed_sdk.train.losses import (
+    InfoNCELoss,
+    StageLoss,
+    compute_loss_from_embeddings,
+    info_nce_logits,
+    relation_distill_loss,
+)
 
 
 def _reference(q, d, K, tau, in_batch, qg=None, dg=None):
@@ -136,3 +142,84 @@ def test_module_form_runs_on_a_model(tiny_model):
     loss = loss_mod(Batch)
     loss.backward()
     assert torch.isfinite(loss) and tiny_model.head.latents.grad is not None
+
+
+def _relation_reference(logits, tq, fq, td, fd, tau):
+    """Loop form of the relation term: per usable query, KL over the columns both sides have."""
+    total, rows = 0.0, 0
+    for i in range(logits.shape[0]):
+        cols = [c for c in range(logits.shape[1]) if math.isfinite(float(logits[i, c])) and bool(fd[c])]
+        if not bool(fq[i]) or len(cols) < 2:
+            continue
+        s = [float(logits[i, c]) for c in cols]
+        t = [float(tq[i] @ td[c]) / tau for c in cols]
+        ls = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+        lt = [x - math.log(sum(math.exp(y) for y in t)) for x in t]
+        total += sum(math.exp(a) * (a - b) for a, b in zip(lt, ls, strict=True))
+        rows += 1
+    return total / rows
+
+
+def test_relation_term_matches_reference_with_masks_and_missing_rows():
+    g = torch.Generator().manual_seed(2)
+    B, K, D, Dt = 4, 1, 8, 6
+    q, d = torch.randn(B, D, generator=g), torch.randn(B * (1 + K), D, generator=g)
+    qg, dg = torch.tensor([0, 1, 0, 2]), torch.tensor([0, 10, 1, 11, 0, 12, 2, 1])  # same-group columns -> -inf
+    scores = info_nce_logits(q, d, K, temperature=0.1, query_groups=qg, doc_groups=dg)
+    assert not bool(torch.isfinite(scores.logits).all())
+    tq = torch.nn.functional.normalize(torch.randn(B, Dt, generator=g), dim=-1)
+    td = torch.nn.functional.normalize(torch.randn(B * (1 + K), Dt, generator=g), dim=-1)
+    fq = torch.tensor([True, True, False, True])  # query 2 has no teacher row: its row drops out
+    fd = torch.tensor([True, True, True, False, True, True, True, True])  # column 3 drops out of every row
+    got = relation_distill_loss(scores.logits, tq, fq, td, fd, temperature=0.1)
+    assert float(got) == pytest.approx(_relation_reference(scores.logits, tq, fq, td, fd, 0.1), rel=1e-5)
+    td_changed = td.clone()
+    td_changed[3] = -td_changed[3]  # a missing teacher row's content must not matter
+    assert float(relation_distill_loss(scores.logits, tq, fq, td_changed, fd, temperature=0.1)) == pytest.approx(
+        float(got), rel=1e-6)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_relation_term_is_zero_on_the_teachers_structure_and_its_gradient_moves_towards_it(in_batch):
+    g = torch.Generator().manual_seed(3)
+    B, K, D = 6, 2, 8
+    tq = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
+    td = torch.nn.functional.normalize(torch.randn(B * (1 + K), D, generator=g), dim=-1)
+    found_q, found_d = torch.ones(B, dtype=torch.bool), torch.ones(B * (1 + K), dtype=torch.bool)
+    same = info_nce_logits(tq, td, K, temperature=0.05, in_batch_negatives=in_batch).logits
+    assert float(relation_distill_loss(same, tq, found_q, td, found_d, temperature=0.05)) == pytest.approx(0, abs=1e-5)
+    # A student elsewhere: positive loss, and a gradient step lowers it without NaN.
+    q = torch.randn(B, D, generator=g, requires_grad=True)
+    d = torch.randn(B * (1 + K), D, generator=g, requires_grad=True)
+
+    def loss():
+        logits = info_nce_logits(q, d, K, temperature=0.05, in_batch_negatives=in_batch).logits
+        return relation_distill_loss(logits, tq, found_q, td, found_d, temperature=0.05)
+
+    before = loss()
+    assert float(before.detach()) > 0.1
+    before.backward()
+    assert bool(torch.isfinite(q.grad).all() and torch.isfinite(d.grad).all())
+    with torch.no_grad():
+        q -= 0.05 * q.grad / q.grad.norm()
+        d -= 0.05 * d.grad / d.grad.norm()
+    assert float(loss()) < float(before.detach())
+
+
+def test_stage_loss_adds_the_weighted_relation_term():
+    g = torch.Generator().manual_seed(4)
+    B, K, D = 4, 1, 8
+    q, d = torch.randn(B, D, generator=g), torch.randn(B * (1 + K), D, generator=g)
+    rows = (torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1), torch.ones(B, dtype=torch.bool),
+            torch.nn.functional.normalize(torch.randn(B * (1 + K), D, generator=g), dim=-1),
+            torch.ones(B * (1 + K), dtype=torch.bool))
+
+    class Batch:
+        num_negatives, query_groups, doc_groups, teacher_scores = K, None, None, None
+
+    plain = StageLoss(temperature=0.05, in_batch_negatives=True)(q, d, Batch(), teacher_rows=rows)
+    off = StageLoss(temperature=0.05, in_batch_negatives=True, relation_weight=0.0)(q, d, Batch(), teacher_rows=rows)
+    on = StageLoss(temperature=0.05, in_batch_negatives=True, relation_weight=2.0)(q, d, Batch(), teacher_rows=rows)
+    term = relation_distill_loss(info_nce_logits(q, d, K, temperature=0.05).logits, *rows, temperature=0.05)
+    assert float(off) == pytest.approx(float(plain))
+    assert float(on) == pytest.approx(float(plain) + 2.0 * float(term), rel=1e-5)
