@@ -27,6 +27,7 @@ the GPU host (128 GiB RAM), not a 24 GiB CPU box.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from nvembed_sdk.errors import InputError, fmt
 from nvembed_sdk.exporters.staging import final_path, staged
 from nvembed_sdk.integrations.st_files import write_st_files
 from nvembed_sdk.manifest import read_manifest, write_manifest
+from nvembed_sdk.parity import tolerance_for
 from nvembed_sdk.progress import Phases
 from nvembed_sdk.text import Batch, TextPipeline
 from nvembed_sdk.textsets import check_calibration_texts, default_texts, read_texts
@@ -345,8 +347,6 @@ def export_quantized(
     """
     from nvembed_sdk.exporters.onnx_export import export_onnx
     from nvembed_sdk.exporters.plan import make_plan
-    from nvembed_sdk.exporters.validate import validate_export
-    from nvembed_sdk.parity import tolerance_for
 
     if precision not in QUANT_PRECISIONS:
         raise InputError(fmt("precision", repr(precision), f"one of {QUANT_PRECISIONS}"))
@@ -394,39 +394,88 @@ def export_quantized(
                                max_length=max_length, warn_unvalidated=False,  # validated after quantisation
                                transform=prepare)
         manifest = read_manifest(base)
-        q_path = Path(tmp) / "model.onnx"
-        keep = set(state["keep"])
-        with phases.phase("ModelOpt PTQ (Q/DQ)" if plan.runtime == "onnxruntime" else "insert Q/DQ"):
-            if plan.runtime == "onnxruntime":
-                onnx = require("onnx")
-                from nvembed_sdk.exporters.qdq import weight_matmuls
+        manifest.pop("format_version", None)
+        manifest.pop("validation", None)
+        # Missed only by the simulation's margin (the all-quantised simulation clears the budget
+        # itself): the fully quantised graph is tried first and the held-out validation decides;
+        # the fallback is built only if that graph really misses. A fallback costs MACs on a guess.
+        fb = state.get("fallback")
+        trial = bool(validate and fb and fb["simulated_min_cosine_all_quantized"] >= budget)
+        tried = None  # the all-quantised graph's held-out report, once measured
+        attention0 = copy.deepcopy(state.get("attention"))  # each graph measures its FP8 attention candidate anew
+        for keep in ([], list(state["keep"])) if trial else (list(state["keep"]),):
+            state["attention"] = copy.deepcopy(attention0)
+            report = _write_graph(tmp, out, base, dict(manifest), keep, state, precision, budget, plan, opset, batches,
+                                  calibration_method, source, len(passages), len(queries), pipe, model, phases,
+                                  validate, texts)
+            if not trial:
+                break
+            if keep:  # the all-quantised graph missed: this is the fallback graph
+                _record_trial(out, fb, tried, "fallback")
+                break
+            tried = report
+            if report:
+                _record_trial(out, fb, tried, "all quantised")
+                break
+            log.warning("all-quantised graph outside the budget on held-out text (%s); building the fallback "
+                        "(%d kept)", report, len(state["keep"]))
+            phases.total += 3  # quantise, audit and validate once more
+    if validate and not report:
+        ranking = state.get("ranking") or []
+        lines = [f"  {r['projection']}: min cosine {r['min_cosine_if_kept']:.4f} if kept high precision "
+                 f"(+{r['gain']:.4f})" for r in ranking[:8]]
+        detail = ("sensitivity (costliest projections first, simulated on calibration text):\n"
+                  + "\n".join(lines)) if lines else "the calibration-text simulation was within budget"
+        if not force:
+            from nvembed_sdk.errors import ToleranceExceeded
 
-                graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
-                exclude = [f"^{n.name}$" for n, name in zip(weight_matmuls(graph), state["names"], strict=True)
-                           if name in keep]
-                summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method,
-                                        exclude=exclude)
-                tool = _tool_versions()
-            else:
-                summary = _qdq_graph(base, q_path, state, precision, budget)
-                tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
-        _move_model(Path(tmp), out)
-        pipe.save(out)
-        write_st_files(out, source=model)  # sentence-transformers files + embedding_output.json
-    manifest.pop("format_version", None)
-    manifest.pop("validation", None)
+            raise ToleranceExceeded(f"{report}\n{detail}\nNote: --calibration with texts like yours, "
+                                    "--precision fp8 on compute capability >= 8.9, or --force to keep it", report)
+        log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s\n%s", final_path(out), precision, report,
+                    detail)
+    return out
+
+
+def _write_graph(tmp: str, out: Path, base: Path, manifest: dict[str, Any], keep: list[str], state: dict[str, Any],
+                 precision: str, budget: float, plan: Any, opset: int, batches: list[Batch], calibration_method: str,
+                 source: str, n_passages: int, n_queries: int, pipe: TextPipeline, model: str | Path, phases: Phases,
+                 validate: bool, texts: list[str] | None) -> Any:
+    """Quantise the traced ``base`` graph keeping ``keep`` in high precision, write the bundle's
+    files and manifest into ``out``, audit it, and with ``validate`` validate it on ``texts``
+    (None: the shipped validation split): the report, or None."""
+    from nvembed_sdk.exporters.validate import validate_export
+
+    q_path = Path(tmp) / "model.onnx"
+    with phases.phase("ModelOpt PTQ (Q/DQ)" if plan.runtime == "onnxruntime" else "insert Q/DQ"):
+        if plan.runtime == "onnxruntime":
+            onnx = require("onnx")
+            from nvembed_sdk.exporters.qdq import weight_matmuls
+
+            graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
+            exclude = [f"^{n.name}$" for n, name in zip(weight_matmuls(graph), state["names"], strict=True)
+                       if name in keep]
+            summary = quantize_onnx(base / "model.onnx", q_path, precision, batches, calibration_method,
+                                    exclude=exclude)
+            tool = _tool_versions()
+        else:
+            summary = _qdq_graph(base, q_path, state, precision, budget, set(keep))
+            tool = {"tool": "nvembed-sdk (exporters/qdq.py on the fp16 trace)", "method": "max"}
+    _move_model(Path(tmp), out)
+    pipe.save(out)
+    write_st_files(out, source=model)  # sentence-transformers files + embedding_output.json
     files = {"model": "model.onnx", **({"data": "model.onnx.data"} if (out / "model.onnx.data").exists() else {})}
+    fb = state.get("fallback")
     quant: dict[str, Any] = {
         **tool, "mode": precision,
-        "calibration": {"source": source, "passages": len(passages), "queries": len(queries),
+        "calibration": {"source": source, "passages": n_passages, "queries": n_queries,
                         "batches": len(batches), "max_length": max(int(b.input_ids.shape[1]) for b in batches)},
         "weights": "per-channel (per output channel)",
         "activations": "per-tensor static",
-        "simulated_min_cosine": state["simulated"],
+        "simulated_min_cosine": state["simulated"] if keep or not fb else fb["simulated_min_cosine_all_quantized"],
         **({"smoothing": state["smoothing"]} if state.get("smoothing") else {}),
         **({"o_proj_range": state["o_proj_range"]} if state.get("o_proj_range") else {}),
         **({"attention": state["attention"]} if plan.runtime == "tensorrt" else {}),
-        **({"fallback": state["fallback"]} if state.get("fallback") else {}),
+        **({"fallback": {**fb, "kept_high_precision": keep}} if fb else {}),
         **summary,
     }
     quant.setdefault("method", calibration_method)
@@ -435,23 +484,22 @@ def export_quantized(
     write_manifest(out, manifest)
     with phases.phase("graph audit (dtype shares)"):
         _record_graph(out, plan)
-    if validate:
-        with phases.phase("validate against fp32 PyTorch"):
-            report = validate_export(model, out, texts=texts, raise_on_failure=False)
-        if not report:
-            ranking = state.get("ranking") or []
-            lines = [f"  {r['projection']}: min cosine {r['min_cosine_if_kept']:.4f} if kept high precision "
-                     f"(+{r['gain']:.4f})" for r in ranking[:8]]
-            detail = ("sensitivity (costliest projections first, simulated on calibration text):\n"
-                      + "\n".join(lines)) if lines else "the calibration-text simulation was within budget"
-            if not force:
-                from nvembed_sdk.errors import ToleranceExceeded
+    if not validate:
+        return None
+    with phases.phase("validate against fp32 PyTorch"):
+        return validate_export(model, out, texts=texts, raise_on_failure=False)
 
-                raise ToleranceExceeded(f"{report}\n{detail}\nNote: --calibration with texts like yours, "
-                                        "--precision fp8 on compute capability >= 8.9, or --force to keep it", report)
-            log.warning("%s is OUTSIDE the %s budget (kept because of --force):\n%s\n%s", final_path(out), precision, report,
-                        detail)
-    return out
+
+def _record_trial(out: Path, fallback: dict[str, Any], tried: Any, decided: str) -> None:
+    """Record in the manifest that the all-quantised graph was validated first (``tried``: its
+    parity report), and which graph the bundle holds."""
+    manifest = read_manifest(out)
+    manifest.pop("format_version", None)
+    manifest["quantization"]["fallback"]["all_quantized_first"] = {
+        "why": "the all-quantised simulation cleared the budget but not its margin; the held-out validation decided",
+        "validation_min_cosine": round(float(tried.min_cosine), 5),
+        "validation_topk_agreement": round(float(tried.topk_agreement), 5), "bundle_holds": decided}
+    write_manifest(out, manifest)
 
 
 def _prepare(torch_model: Any, batches: list[Batch], precision: str, target: float, fallback: bool,
@@ -570,19 +618,18 @@ def _min_cosine_ort(path: Path, batches: Sequence[Batch], reference: np.ndarray)
     return float(cos.min())
 
 
-def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str, budget: float) -> dict[str, Any]:
+def _qdq_graph(base: Path, q_path: Path, state: dict[str, Any], precision: str, budget: float,
+               keep: set[str]) -> dict[str, Any]:
     onnx = require("onnx")
     from nvembed_sdk.exporters.onnx_export import save_onnx
     from nvembed_sdk.exporters.qdq import insert_qdq
 
     proto = onnx.load(str(base / "model.onnx"))
-    summary = insert_qdq(proto, state["names"], state["weights"], state["amax"], precision, set(state["keep"]))
+    summary = insert_qdq(proto, state["names"], state["weights"], state["amax"], precision, keep)
     if proto.ByteSize() < 1_800_000_000:
         onnx.checker.check_model(proto)
     attention = state.get("attention") or {}
     if attention.get("bmm_dtype") == "candidate":
-        import copy
-
         from nvembed_sdk.exporters.qdq import insert_attention_qdq
 
         with_attn = copy.deepcopy(proto)

@@ -213,13 +213,22 @@ def test_fp8_smooths_massive_activations_too(massive, tmp_path):
     assert not [k for k in kept if k.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))], kept
 
 
-def test_sensitivity_fallback_keeps_fewest_projections(tiny_checkpoint, tmp_path, monkeypatch):
-    """With every projection INT8 the tiny model simulates at min cosine ~0.99986; a stricter target
-    (0.9999, a margin of 0.0099 over the 0.99 budget) makes it miss, and the export ranks the
-    projections and keeps the fewest costly ones in fp16, saying which, and then passes."""
+def _strict_budget(monkeypatch, budget: float) -> None:
+    """The export's budget (what the simulation must clear) at ``budget`` with no margin; the
+    held-out validation keeps the real 0.99. The all-quantised simulation then misses the budget
+    itself, so the fallback is chosen on the simulation (no all-quantised trial first)."""
     from nvembed_sdk.exporters import quantize
+    from nvembed_sdk.parity import Tolerance, tolerance_for
 
-    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.0099)
+    monkeypatch.setattr(quantize, "tolerance_for", lambda p: Tolerance(budget, tolerance_for(p).min_topk))
+    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.0)
+
+
+def test_sensitivity_fallback_keeps_fewest_projections(tiny_checkpoint, tmp_path, monkeypatch):
+    """With every projection INT8 the tiny model simulates at min cosine ~0.99986; a stricter budget
+    (0.9999) makes it miss, and the export ranks the projections and keeps the fewest costly ones
+    in fp16, saying which, and then passes."""
+    _strict_budget(monkeypatch, 0.9999)
     out = export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
                  calibration_size=64)
     m = read_manifest(out)
@@ -235,18 +244,63 @@ def test_sensitivity_fallback_keeps_fewest_projections(tiny_checkpoint, tmp_path
     assert m["validation"]["passed"]
 
 
+def test_within_the_margin_the_all_quantised_graph_is_validated_first(tiny_checkpoint, tmp_path, monkeypatch):
+    """The all-INT8 simulation (~0.99986) clears the 0.99 budget but not a 0.0099 margin (target
+    0.9999): the fully quantised graph is built first and the held-out validation decides. It
+    passes, so the bundle keeps every projection INT8 and says why; the ranking is still recorded."""
+    from nvembed_sdk.exporters import quantize
+
+    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.0099)
+    out = export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
+                 calibration_size=64)
+    m = read_manifest(out)
+    fb = m["quantization"]["fallback"]
+    assert fb["simulated_min_cosine_all_quantized"] < fb["target"] == 0.9999  # the simulation alone would fall back
+    assert fb["kept_high_precision"] == [] and len(m["quantization"]["quantized_matmuls"]) == 14
+    first = fb["all_quantized_first"]
+    assert first["bundle_holds"] == "all quantised"
+    assert first["validation_min_cosine"] == pytest.approx(m["validation"]["min_cosine"], abs=1e-5)
+    assert m["validation"]["passed"] and len(fb["sensitivity"]) == 14
+    assert audit_graph(out)["decoder_gemm_macs"].get("int8") == 1.0
+
+
+def test_within_the_margin_a_failed_all_quantised_graph_falls_back(tiny_checkpoint, tmp_path, monkeypatch):
+    """Same margin, but a validation budget the all-INT8 graph misses and the fallback graph meets
+    (between their two measured min cosines): the export builds both, ships the fallback and
+    records the all-quantised figure that sent it there."""
+    import nvembed_sdk.exporters.validate as validate
+    from nvembed_sdk.exporters import quantize
+    from nvembed_sdk.parity import Tolerance
+
+    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.0099)
+    ref = tmp_path / "ref"  # measure both graphs' held-out min cosines first
+    all_q = read_manifest(export(tiny_checkpoint, ref / "all", to="onnx", precision="int8", runtime="tensorrt",
+                                 calibration_size=64))
+    ranking = [r["projection"] for r in all_q["quantization"]["fallback"]["sensitivity"]]
+    lo = all_q["validation"]["min_cosine"]  # the all-INT8 graph's held-out min cosine
+    monkeypatch.setattr(validate, "tolerance_for", lambda p: Tolerance(lo + 1e-6, 0.0))
+    out = export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
+                 calibration_size=64)
+    m = read_manifest(out)
+    fb = m["quantization"]["fallback"]
+    assert fb["all_quantized_first"]["bundle_holds"] == "fallback"
+    assert fb["all_quantized_first"]["validation_min_cosine"] == pytest.approx(lo, abs=1e-5)
+    assert fb["kept_high_precision"] and fb["kept_high_precision"] == ranking[: len(fb["kept_high_precision"])]
+    assert len(m["quantization"]["quantized_matmuls"]) == 14 - len(fb["kept_high_precision"])
+    assert m["validation"]["passed"] and m["validation"]["min_cosine"] > lo
+
+
 def test_fallback_keeps_as_many_as_the_target_needs(tiny_checkpoint, tmp_path, monkeypatch):
     """A target the all-INT8 simulation misses by far (0.99999): the fallback is not capped (it used to give
     up past a quarter of the projections and keep none); it keeps the shortest costliest-first prefix
     that meets the target on the whole probe, records it, and the export passes."""
-    from nvembed_sdk.exporters import quantize
-
-    monkeypatch.setattr(quantize, "SIMULATED_MARGIN", 0.00999)
+    _strict_budget(monkeypatch, 0.99999)
     out = export(tiny_checkpoint, tmp_path / "int8", to="onnx", precision="int8", runtime="tensorrt",
                  calibration_size=64)
     q = read_manifest(out)["quantization"]
     fb = q["fallback"]
     kept = fb["kept_high_precision"]
+    assert "all_quantized_first" not in fb  # the all-quantised simulation missed the budget itself
     assert fb["simulated_min_cosine_all_quantized"] < fb["target"] <= fb["simulated_min_cosine"]
     assert len(kept) > 14 // 4, kept  # more than the old cap
     assert kept == [r["projection"] for r in fb["sensitivity"][: len(kept)]]
@@ -287,12 +341,12 @@ def test_tensorrt_graph_audit_shipped_model(precision, tmp_path):
     out = export(SHIPPED, tmp_path / precision, to="onnx", precision=precision, runtime="tensorrt", fallback=False)
     audit = assert_tensorrt_graph(out, precision)
     assert audit["decoder_gemm_macs"].get(precision) == 1.0
-    # The default export (fallback on) stays in budget too. Version 7's FP8 simulation lands at
-    # 0.99797 against its 0.998 target (budget + SIMULATED_MARGIN), so the fallback keeps
-    # layers.3.mlp.down_proj in fp16 (93.3 % FP8 MACs) although the all-FP8 graph validates at 0.995.
+    # The default export (fallback on) too. Version 7's FP8 simulation lands at 0.99797 against its
+    # 0.998 target (budget + SIMULATED_MARGIN) but above the 0.99 budget, so the all-FP8 graph is
+    # validated first (0.995) and kept: no projection falls back.
     default = export(SHIPPED, tmp_path / f"{precision}-default", to="onnx", precision=precision, runtime="tensorrt")
-    assert_tensorrt_graph(default, precision, strict_macs=False)
-    assert len(read_manifest(default)["quantization"].get("fallback", {}).get("kept_high_precision", [])) <= 1
+    assert_tensorrt_graph(default, precision)
+    assert read_manifest(default)["quantization"].get("fallback", {}).get("kept_high_precision", []) == []
     m = read_manifest(out)
     print(f"\n{precision}: decoder GEMM MACs {audit['decoder_gemm_macs']}, min cosine {m['validation']['min_cosine']}, "
           f"top-10 {m['validation']['topk_agreement']}, kept "
