@@ -203,7 +203,7 @@ def test_relation_term_is_zero_on_the_teachers_structure_and_its_gradient_moves_
     with torch.no_grad():
         q -= 0.05 * q.grad / q.grad.norm()
         d -= 0.05 * d.grad / d.grad.norm()
-    assert float(loss()) < float(before.detach())
+    assert float(loss().detach()) < float(before.detach())
 
 
 def test_stage_loss_adds_the_weighted_relation_term():
