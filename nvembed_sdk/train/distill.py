@@ -145,21 +145,22 @@ class TeacherCache:
     def teacher_rows(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, D_t) the teacher's own unit-norm rows (no projection) and an (n,) bool mask of
         texts found: the similarity structure :func:`nvembed_sdk.train.losses.relation_distill_loss` matches."""
-        rows = [self.index.get(t, -1) for t in texts]
-        found = np.array([r >= 0 for r in rows], dtype=bool)
-        out = np.zeros((len(texts), self.matrix.shape[1]), dtype=np.float32)
-        if found.any():
-            sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32)  # (n_found, D_t)
-            out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
-        return torch.from_numpy(out), torch.from_numpy(found)
+        return self._unit_rows(texts, None)
 
     def targets(self, texts: Sequence[str], proj: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, dim) normalised projected targets and an (n,) bool mask of texts found."""
+        return self._unit_rows(texts, proj)
+
+    def _unit_rows(self, texts: Sequence[str], proj: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached rows of ``texts`` (projected by ``proj`` when given), normalised; zero rows where
+        a text is not cached, and the (n,) bool mask of those found."""
         rows = [self.index.get(t, -1) for t in texts]
-        found = np.array([r >= 0 for r in rows])
-        out = np.zeros((len(texts), proj.shape[1]), dtype=np.float32)
+        found = np.array([r >= 0 for r in rows], dtype=bool)
+        out = np.zeros((len(texts), self.matrix.shape[1] if proj is None else proj.shape[1]), dtype=np.float32)
         if found.any():
-            sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32) @ proj  # (n_found, dim)
+            sel = self.matrix[[r for r in rows if r >= 0]].astype(np.float32)  # (n_found, D_t)
+            if proj is not None:
+                sel = sel @ proj  # (n_found, dim)
             out[found] = sel / np.maximum(np.linalg.norm(sel, axis=1, keepdims=True), 1e-9)
         return torch.from_numpy(out), torch.from_numpy(found)
 

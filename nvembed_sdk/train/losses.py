@@ -206,9 +206,14 @@ def compute_loss_from_embeddings(
     :func:`score_distill_loss` (see :func:`info_nce_logits` for the arguments)."""
     scores = info_nce_logits(q, d, num_negatives, temperature=temperature, in_batch_negatives=in_batch_negatives,
                              query_groups=query_groups, doc_groups=doc_groups)
+    return _scored_loss(scores, teacher_scores, distill_weight, distill_temperature)
+
+
+def _scored_loss(scores: Logits, teacher_scores: torch.Tensor | None, weight: float, temperature: float) -> torch.Tensor:
+    """InfoNCE's cross-entropy of ``scores`` plus the weighted score KL term when teacher scores are given."""
     loss = F.cross_entropy(scores.logits, scores.target)
-    if teacher_scores is not None and distill_weight > 0:
-        loss = loss + distill_weight * score_distill_loss(scores.own, teacher_scores, temperature=distill_temperature)
+    if teacher_scores is not None and weight > 0:
+        loss = loss + weight * score_distill_loss(scores.own, teacher_scores, temperature=temperature)
     return loss
 
 
@@ -242,10 +247,7 @@ class StageLoss:
         scores = info_nce_logits(q, d, batch.num_negatives, temperature=self.temperature,
                                  in_batch_negatives=self.in_batch_negatives, query_groups=batch.query_groups,
                                  doc_groups=batch.doc_groups)
-        loss = F.cross_entropy(scores.logits, scores.target)
-        if batch.teacher_scores is not None and self.score_weight > 0:
-            loss = loss + self.score_weight * score_distill_loss(scores.own, batch.teacher_scores,
-                                                                 temperature=self.score_temperature)
+        loss = _scored_loss(scores, batch.teacher_scores, self.score_weight, self.score_temperature)
         if targets is not None and self.embedding_weight > 0:
             loss = loss + self.embedding_weight * embedding_distill_loss(torch.cat([q, d]), *targets)
         if teacher_rows is not None and self.relation_weight > 0:
